@@ -1,0 +1,178 @@
+"""Activation sources: `.npy` shards on disk (memory-mapped) and a synthetic source.
+
+The batch at step s is a pure function of (seed, s): row positions s·B … s·B+B−1 of an endless
+stream are mapped through a per-epoch pseudo-random permutation of the N stored rows. The
+permutation is a Feistel network with cycle walking, so it needs O(1) memory for any N and a
+resumed or multi-process run reads exactly the rows an uninterrupted run would.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a bijective avalanche hash on uint64 (wrapping arithmetic)."""
+  with np.errstate(over="ignore"):
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(i: np.ndarray, n: int, seed: int, epoch: np.ndarray) -> np.ndarray:
+  """A pseudo-random bijection of [0, n) applied to i, different for every (seed, epoch)."""
+  i = np.asarray(i, np.uint64)
+  half = max(1, (int(n - 1).bit_length() + 1) // 2)  # the domain 2^(2·half) covers [0, n)
+  mask = np.uint64((1 << half) - 1)
+  with np.errstate(over="ignore"):
+    base = _mix64(np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) ^ _mix64(
+        np.asarray(epoch, np.uint64) + np.uint64(0x632BE59BD9B4E019)))
+  base = np.broadcast_to(base, i.shape)
+
+  def feistel(v, b):
+    left, right = v >> np.uint64(half), v & mask
+    for r in range(4):
+      with np.errstate(over="ignore"):
+        round_key = _mix64(b + np.uint64(r + 1))
+      left, right = right, left ^ (_mix64(right ^ round_key) & mask)
+    return (left << np.uint64(half)) | right
+
+  out = feistel(i, base)
+  todo = out >= np.uint64(n)
+  while todo.any():  # cycle walking: re-encrypt until inside [0, n); expected < 4 rounds
+    out[todo] = feistel(out[todo], base[todo])
+    todo = out >= np.uint64(n)
+  return out.astype(np.int64)
+
+
+class ActivationSource:
+  """Rows from a list of [N_i, D] arrays (memory-maps or in-memory), sampled statelessly."""
+
+  def __init__(self, arrays: list, names: list[str] | None = None, seed: int = 0):
+    if not arrays:
+      raise ValueError("the activation store is empty: no shards to read")
+    widths = {a.shape[1] if a.ndim == 2 else None for a in arrays}
+    if len(widths) != 1 or None in widths:
+      shapes = [a.shape for a in arrays]
+      raise ValueError(f"activation shards must all be [N, D] with one D; got shapes {shapes}")
+    self.arrays = arrays
+    self.names = names or [f"array[{k}]" for k in range(len(arrays))]
+    self.d = widths.pop()
+    self.offsets = np.cumsum([0] + [a.shape[0] for a in arrays])
+    self.n = int(self.offsets[-1])
+    if self.n == 0:
+      raise ValueError(f"the activation store holds 0 rows ({len(arrays)} empty shards)")
+    self.seed = seed
+
+  def rows(self, idx: np.ndarray) -> np.ndarray:
+    """The rows with these global indices, as float32 [len(idx), D], read shard by shard."""
+    out = np.empty((len(idx), self.d), np.float32)
+    shard = np.searchsorted(self.offsets, idx, side="right") - 1
+    for s in np.unique(shard):
+      where = np.nonzero(shard == s)[0]
+      local = idx[where] - self.offsets[s]
+      order = np.argsort(local, kind="stable")  # sorted reads are sequential on disk
+      out[where[order]] = np.asarray(self.arrays[s][local[order]], np.float32)
+    return out
+
+  def batch_indices(self, step: int, batch_size: int, lo: int = 0, hi: int | None = None):
+    """Global row indices of positions [lo, hi) of the batch at `step`."""
+    hi = batch_size if hi is None else hi
+    pos = np.int64(step) * batch_size + np.arange(lo, hi, dtype=np.int64)
+    return permute(pos % self.n, self.n, self.seed, pos // self.n)
+
+  def batch(self, step: int, batch_size: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Rows [lo, hi) of the batch at `step` (the whole batch by default), checked finite."""
+    idx = self.batch_indices(step, batch_size, lo, hi)
+    x = self.rows(idx)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+      g = int(idx[np.argmax(bad)])
+      s = int(np.searchsorted(self.offsets, g, side="right") - 1)
+      raise FloatingPointError(
+          f"non-finite activation in {self.names[s]} at row {g - self.offsets[s]} "
+          f"(batch of step {step}); fix or remove that shard")
+    return x
+
+  def mean_sq_norm(self, n_rows: int) -> float:
+    """E‖x‖² over a seeded random sample of rows (for the input normalisation)."""
+    n_rows = min(n_rows, self.n)
+    idx = permute(np.arange(n_rows), self.n, self.seed ^ 0x5EED, np.uint64(0))
+    x = self.rows(np.sort(idx))
+    return float(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))
+
+
+def shard_paths(path: str) -> list[str]:
+  """One `.npy` file, or the sorted `.npy` shards of a directory."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data.path {path!r} does not exist; point it at a .npy file or a "
+                            "directory of .npy shards")
+  if os.path.isdir(path):
+    paths = sorted(glob.glob(os.path.join(path, "*.npy")))
+    if not paths:
+      raise FileNotFoundError(f"data.path {path!r} holds no .npy shards")
+    return paths
+  return [path]
+
+
+def open_npy(path: str, seed: int = 0) -> ActivationSource:
+  """Memory-maps every shard under `path` (never loads one whole)."""
+  paths = shard_paths(path)
+  arrays = []
+  for p in paths:
+    try:
+      arrays.append(np.load(p, mmap_mode="r"))
+    except ValueError as e:  # a truncated or malformed file
+      raise ValueError(f"cannot read activation shard {p}: {e}") from e
+  return ActivationSource(arrays, paths, seed)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int = 0,
+              noise_std: float = 0.02, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Activations built from known features in superposition (n_features > d).
+
+  Each feature fires independently with a frequency drawn from a power law scaled so the mean
+  L0 is `mean_l0`; active magnitudes are heavy-tailed (log-normal, median 1); the other features'
+  directions overlap, so an inactive feature's pre-activation is low noise, not zero (as in the
+  paper's Figure 1). Returns x [n_rows, d] float32, the true dictionary [n_features, d] (unit
+  rows) and facts (true L0).
+  """
+  rng = np.random.default_rng(seed)
+  dict_GxD = rng.standard_normal((n_features, d))
+  dict_GxD /= np.linalg.norm(dict_GxD, axis=1, keepdims=True)
+  freq_G = 1.0 / np.arange(1, n_features + 1) ** 0.5
+  freq_G = np.minimum(freq_G * mean_l0 / freq_G.sum(), 0.5)
+  rng.shuffle(freq_G)
+  x = np.empty((n_rows, d), np.float32)
+  l0 = 0
+  for lo in range(0, n_rows, chunk):
+    n = min(chunk, n_rows - lo)
+    active = rng.random((n, n_features)) < freq_G
+    mags = rng.lognormal(0.0, 0.5, (n, n_features)) * active
+    l0 += int(active.sum())
+    x[lo:lo + n] = mags @ dict_GxD + noise_std * rng.standard_normal((n, d))
+  return x, dict_GxD.astype(np.float32), {"true_l0": l0 / n_rows, "freq": freq_G}
+
+
+def save_synthetic(directory: str, x: np.ndarray, dict_GxD: np.ndarray, facts: dict) -> None:
+  """Writes acts/shard_00000.npy, true_dictionary.npy and facts.json so any tool can train on it."""
+  os.makedirs(os.path.join(directory, "acts"), exist_ok=True)
+  np.save(os.path.join(directory, "acts", "shard_00000.npy"), x)
+  np.save(os.path.join(directory, "true_dictionary.npy"), dict_GxD)
+  with open(os.path.join(directory, "facts.json"), "w") as fh:
+    json.dump({"true_l0": facts["true_l0"], "n_rows": len(x), "d": x.shape[1],
+               "n_features": len(dict_GxD)}, fh, indent=1)
+
+
+def dictionary_recovery(W_dec_FxD: np.ndarray, true_GxD: np.ndarray) -> float:
+  """Mean over true features of the best cosine similarity with any learned direction."""
+  learned = W_dec_FxD / np.linalg.norm(W_dec_FxD, axis=1, keepdims=True)
+  true = true_GxD / np.linalg.norm(true_GxD, axis=1, keepdims=True)
+  return float(np.mean(np.max(true @ learned.T, axis=1)))

@@ -1,0 +1,31 @@
+"""Exports in the Gemma Scope `params.npz` layout, in raw activation units, written atomically."""
+import os
+
+import numpy as np
+
+from jumprelu import sae
+
+GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def raw_params(params: dict, norm_scale) -> dict:
+  """float32 numpy params acting on un-normalised activations (normalisation folded in)."""
+  folded = sae.fold_normalization(params, norm_scale)
+  return {k: np.asarray(folded[k], np.float32) for k in GEMMA_SCOPE_KEYS}
+
+
+def save_npz(path: str, arrays: dict) -> None:
+  """Writes an .npz through a temporary file and a rename, so a reader never sees half a file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_npz(path: str) -> dict:
+  """Reads a Gemma Scope `params.npz` (W_enc [D,F], W_dec [F,D], b_enc, b_dec, threshold)."""
+  with np.load(path) as f:
+    missing = [k for k in GEMMA_SCOPE_KEYS if k not in f.files]
+    if missing:
+      raise KeyError(f"{path} lacks {missing}; a Gemma Scope params.npz has {GEMMA_SCOPE_KEYS}")
+    return {k: np.asarray(f[k], np.float32) for k in GEMMA_SCOPE_KEYS}

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="jumprelu",
+    version="0.1.0",
+    description="JumpReLU sparse autoencoders in JAX (Rajamanoharan et al. 2024; Gemma Scope)",
+    python_requires=">=3.11",
+    packages=find_packages(include=["jumprelu", "jumprelu.*", "configs"]),
+    install_requires=[
+        "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12",
+        "ml_collections>=1.0", "absl-py", "numpy", "chex",
+    ],
+    extras_require={
+        "test": ["pytest"],
+    },
+)

@@ -1,0 +1,106 @@
+"""The activation sources: stateless sampling, memory-mapping, bad data, synthetic data."""
+import os
+
+import numpy as np
+import pytest
+
+from jumprelu import data
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 1000, 4097])
+def test_permute_is_a_bijection(n):
+  for epoch in (0, 1, 7):
+    out = data.permute(np.arange(n), n, seed=3, epoch=np.uint64(epoch))
+    assert sorted(out.tolist()) == list(range(n))
+
+
+def test_epochs_and_seeds_shuffle_differently():
+  a = data.permute(np.arange(1000), 1000, 0, np.uint64(0))
+  assert not np.array_equal(a, data.permute(np.arange(1000), 1000, 0, np.uint64(1)))
+  assert not np.array_equal(a, data.permute(np.arange(1000), 1000, 1, np.uint64(0)))
+  assert not np.array_equal(a, np.arange(1000))
+
+
+def _store(tmp_path, sizes=(300, 200, 500), d=8):
+  rng = np.random.default_rng(0)
+  arrays = [rng.normal(size=(n, d)).astype(np.float32) for n in sizes]
+  for i, a in enumerate(arrays):
+    np.save(tmp_path / f"shard_{i:05d}.npy", a)
+  return np.concatenate(arrays)
+
+
+def test_batch_is_a_pure_function_of_seed_and_step(tmp_path):
+  full = _store(tmp_path)
+  s1 = data.open_npy(str(tmp_path), seed=5)
+  assert all(isinstance(a, np.memmap) for a in s1.arrays)  # never loaded whole
+  s2 = data.open_npy(str(tmp_path), seed=5)
+  np.testing.assert_array_equal(s1.batch(17, 64), s2.batch(17, 64))
+  np.testing.assert_array_equal(s1.batch(17, 64), full[s1.batch_indices(17, 64)])
+  assert not np.array_equal(s1.batch(17, 64), data.open_npy(str(tmp_path), seed=6).batch(17, 64))
+  # process slices of a batch put together give the whole batch
+  parts = [s1.batch(17, 64, lo, lo + 16) for lo in range(0, 64, 16)]
+  np.testing.assert_array_equal(np.concatenate(parts), s1.batch(17, 64))
+
+
+def test_one_epoch_reads_every_row_once(tmp_path):
+  full = _store(tmp_path, sizes=(100, 156))
+  s = data.open_npy(str(tmp_path), seed=1)
+  idx = np.concatenate([s.batch_indices(step, 64) for step in range(4)])  # 256 rows = 1 epoch
+  assert sorted(idx.tolist()) == list(range(256))
+  assert len(full) == 256
+
+
+def test_non_finite_row_is_named(tmp_path):
+  full = _store(tmp_path)
+  bad = np.load(tmp_path / "shard_00001.npy")
+  bad[123, 4] = np.nan
+  np.save(tmp_path / "shard_00001.npy", bad)
+  s = data.open_npy(str(tmp_path))
+  with pytest.raises(FloatingPointError, match=r"shard_00001\.npy at row 123"):
+    for step in range(len(full) // 100 + 1):
+      s.batch(step, 100)
+
+
+def test_missing_and_empty_paths(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data.path .* does not exist"):
+    data.open_npy(str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="holds no .npy shards"):
+    data.open_npy(str(tmp_path))
+  np.save(tmp_path / "empty.npy", np.zeros((0, 4), np.float32))
+  with pytest.raises(ValueError, match="0 rows"):
+    data.open_npy(str(tmp_path))
+
+
+def test_shards_of_different_widths_are_refused(tmp_path):
+  np.save(tmp_path / "a.npy", np.zeros((4, 8), np.float32))
+  np.save(tmp_path / "b.npy", np.zeros((4, 9), np.float32))
+  with pytest.raises(ValueError, match=r"one D; got shapes \[\(4, 8\), \(4, 9\)\]"):
+    data.open_npy(str(tmp_path))
+
+
+def test_truncated_shard_is_named(tmp_path):
+  _store(tmp_path)
+  path = tmp_path / "shard_00002.npy"
+  path.write_bytes(path.read_bytes()[:1000])
+  with pytest.raises(ValueError, match="shard_00002.npy"):
+    data.open_npy(str(tmp_path))
+
+
+def test_synthetic_has_requested_statistics_and_saves(tmp_path):
+  x, g, facts = data.synthetic(20000, 16, 48, 4.0, seed=0)
+  assert x.shape == (20000, 16) and g.shape == (48, 16) and x.dtype == np.float32
+  assert abs(facts["true_l0"] - 4.0) < 0.1
+  np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, rtol=1e-5)
+  x2, g2, _ = data.synthetic(20000, 16, 48, 4.0, seed=0)
+  np.testing.assert_array_equal(x, x2)
+  data.save_synthetic(str(tmp_path), x, g, facts)
+  s = data.open_npy(str(tmp_path / "acts"))
+  assert s.n == 20000 and s.d == 16
+  np.testing.assert_array_equal(np.load(tmp_path / "true_dictionary.npy"), g)
+  assert os.path.exists(tmp_path / "facts.json")
+
+
+def test_dictionary_recovery():
+  g = np.eye(4, 8, dtype=np.float32)
+  assert data.dictionary_recovery(np.concatenate([g, -g]), g) == pytest.approx(1.0)
+  assert data.dictionary_recovery(np.eye(4, 8, k=4, dtype=np.float32), g) == pytest.approx(0.0)
