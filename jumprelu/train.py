@@ -131,8 +131,10 @@ def make_source(c) -> tuple[data.ActivationSource, dict | None]:
 
 # ----------------------------------------------------------------------------- host loop
 
+# Keys a resumed run may change: longer runs, other logging, and another mesh (checkpoints
+# restore onto any mesh).
 _RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.checkpoint_every",
-                   "train.keep_checkpoints")
+                   "train.keep_checkpoints", "mesh.data", "mesh.model")
 
 
 def _flat(d: dict, prefix="") -> dict:

@@ -1,7 +1,16 @@
-"""Shared fixtures: a tiny config that trains in seconds on CPU."""
-import pytest
+"""Shared fixtures: a tiny config that trains in seconds on CPU.
 
-from configs import synthetic
+Eight CPU devices are faked for the whole suite (before jax is imported anywhere) so sharded
+meshes can be tested; single-device tests use the first device.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+from configs import synthetic  # noqa: E402
 
 
 def tiny(**overrides):
@@ -18,6 +27,8 @@ def tiny(**overrides):
   c.train.log_every = 4
   c.train.checkpoint_every = 5
   c.train.keep_checkpoints = 5
+  c.mesh.data = 1
+  c.mesh.model = 1
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

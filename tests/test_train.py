@@ -96,6 +96,7 @@ def test_step_traces_once_and_keeps_decoder_unit_norm():
   mesh = sharding.make_mesh(1, 1)
   state, shardings = train.sharded_init(c, mesh, jax.random.key(0), 1.0)
   source, _ = train.make_source(c)
+  chex.clear_trace_counter()
   step_fn = train.jit_train_step(c, mesh, shardings,
                                  step_fn=chex.assert_max_traces(train.train_step, n=1))
   for s in range(5):
@@ -169,7 +170,8 @@ def test_non_finite_loss_names_the_step(tmp_path):
 
 def test_changed_config_in_existing_workdir_is_refused(tmp_path):
   train.train_and_evaluate(tiny(), str(tmp_path))
-  with pytest.raises(ValueError, match=r"sae.sparsity_coefficient: 0.03 -> 0.5"):
+  old = tiny().sae.sparsity_coefficient
+  with pytest.raises(ValueError, match=rf"sae.sparsity_coefficient: {old} -> 0.5"):
     train.train_and_evaluate(tiny(**{"sae.sparsity_coefficient": 0.5}), str(tmp_path))
   # extending a finished run is allowed and continues from its last checkpoint
   summary = train.train_and_evaluate(tiny(**{"train.num_steps": 15}), str(tmp_path))
