@@ -11,7 +11,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from jumprelu import checkpoint, data, export, sae, sharding, validate
+from jumprelu import checkpoint, data, export, logs, sae, sharding, validate
 
 
 @struct.dataclass
@@ -163,17 +163,6 @@ def _check_workdir_config(c, workdir: str) -> None:
       fh.write(c.to_json_best_effort(indent=1))
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drops metric lines logged after the checkpoint we resume from (they will be redone)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as fh:
-    kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-  with open(path + ".tmp", "w") as fh:
-    fh.writelines(kept)
-  os.replace(path + ".tmp", path)
-
-
 def train_and_evaluate(c, workdir: str) -> dict:
   """Trains per config `c` in `workdir`, resuming from its newest checkpoint; returns a summary."""
   validate.check_config(c)
@@ -196,19 +185,17 @@ def train_and_evaluate(c, workdir: str) -> dict:
   else:
     logging.info("resumed from checkpoint at step %d", int(state.step))
   start = int(state.step)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   is_main = jax.process_index() == 0
-  if is_main:
-    _truncate_metrics(metrics_path, start)
+  writer = logs.MetricWriter(workdir, start, c.train.num_steps, c.train.batch_size)
 
   step_fn = jit_train_step(c, mesh, shardings)
   lo, hi = sharding.process_rows(mesh, c.train.batch_size)
   batch_size, num_steps = c.train.batch_size, c.train.num_steps
   last = {}
-  t0, logged_step, logged_time = time.time(), start, time.time()
+  t0 = time.time()
 
   def finish(step, metrics):  # reads step's metrics while the next step already runs
-    nonlocal last, logged_step, logged_time
+    nonlocal last
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(m["loss"]):
       raise FloatingPointError(
@@ -216,17 +203,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
           f"is intact). Lower optim.learning_rate or check the activations")
     last = {"step": step + 1, **m}
     if (step + 1) % c.train.log_every == 0 or step + 1 == num_steps:
-      now = time.time()
-      rate = (step + 1 - logged_step) * batch_size / max(now - logged_time, 1e-9)
-      eta = (num_steps - step - 1) * batch_size / max(rate, 1e-9)
-      logged_step, logged_time = step + 1, now
-      if is_main:
-        with open(metrics_path, "a") as fh:
-          fh.write(json.dumps({**last, "tokens": (step + 1) * batch_size,
-                               "tokens_per_s": rate}) + "\n")
-        logging.info("step %d/%d | %.0f tok/s | ETA %s | loss %.5f | L0 %.1f | FVU %.4f | dead %d",
-                     step + 1, num_steps, rate, time.strftime("%H:%M:%S", time.gmtime(eta)),
-                     m["loss"], m["l0"], m["fvu"], m["dead"])
+      writer.write(step + 1, m)
 
   pending = None
   for step in range(start, num_steps):
@@ -242,6 +219,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
   if pending is not None:
     finish(*pending)
   mngr.wait_until_finished()
+  writer.close()
 
   summary = {"steps": num_steps, "tokens": num_steps * batch_size,
              "seconds": time.time() - t0, "final": last}
