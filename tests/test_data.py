@@ -104,3 +104,13 @@ def test_dictionary_recovery():
   g = np.eye(4, 8, dtype=np.float32)
   assert data.dictionary_recovery(np.concatenate([g, -g]), g) == pytest.approx(1.0)
   assert data.dictionary_recovery(np.eye(4, 8, k=4, dtype=np.float32), g) == pytest.approx(0.0)
+
+
+def test_outliers_that_set_the_normalisation_are_reported(caplog):
+  x = np.random.default_rng(0).normal(size=(5000, 8)).astype(np.float32)
+  s = data.ActivationSource([x])
+  s.mean_sq_norm(5000)
+  assert "carry" not in caplog.text
+  x[:5] *= 1000.0  # 0.1% of rows, a million times the energy: attention-sink-like tokens
+  s.mean_sq_norm(5000)
+  assert "5 of the 5000 rows sampled for the input normalisation (0.1%) carry 100%" in caplog.text

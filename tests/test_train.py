@@ -191,3 +191,19 @@ def test_cli_trains_and_rejects_misspelled_keys(tmp_path):
   bad = subprocess.run(args[:3] + [f"--workdir={tmp_path}/b", "--config.sae.sparsity_coef=1"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
   assert bad.returncode != 0 and "sparsity_coef" in bad.stderr
+
+
+def test_optimizer_without_momentum_matches_adam():
+  """β1 = 0 keeps only Adam's second moment; the updates are Adam's to float rounding."""
+  import optax
+  c = tiny(**{"optim.lr_warmup_steps": 10})
+  ours = train.optimizer(c)
+  adam = optax.adam(lambda s: train.learning_rate(c, s), b1=0.0, b2=c.optim.b2, eps=c.optim.eps)
+  p = {"w": jnp.ones((5, 7))}
+  s_ours, s_adam = ours.init(p), adam.init(p)
+  for i in range(30):
+    g = {"w": jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (5, 7)) * (i + 1)}
+    u_ours, s_ours = ours.update(g, s_ours, p)
+    u_adam, s_adam = adam.update(g, s_adam, p)
+    np.testing.assert_allclose(u_ours["w"], u_adam["w"], rtol=1e-5, atol=1e-9)
+  assert len(jax.tree.leaves(s_ours)) < len(jax.tree.leaves(s_adam))  # no first moment kept

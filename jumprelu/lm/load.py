@@ -211,6 +211,12 @@ _HF_DEFAULTS = {
 _HF_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
+def hf_config(path: str) -> LMConfig:
+  """LMConfig of a Hugging Face checkpoint directory, from its config.json alone (no weights)."""
+  with open(os.path.join(path, "config.json")) as fh:
+    return _hf_config(json.load(fh))
+
+
 def _hf_config(c: dict) -> LMConfig:
   """LMConfig from a parsed HF config.json (model_type llama or gemma2)."""
   family = c.get("model_type")

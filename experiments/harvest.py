@@ -1,0 +1,30 @@
+"""Harvests LM activations to an .npy store: python experiments/harvest.py --config=... --workdir=DIR.
+
+Writes DIR/activations (or data.path): shard_NNNNN.npy files and manifest.json. Rerunning
+resumes an interrupted harvest and repairs a damaged one; `train.py` with the same config and
+workdir then trains on the store.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jumprelu import harvest, train, validate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; the store goes in DIR/activations.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  validate.check_config(c)
+  if c.data.source != "harvest":
+    raise app.UsageError(f"data.source must be 'harvest' to harvest, got {c.data.source!r}")
+  manifest = harvest.harvest(c, train.store_path(c, _WORKDIR.value))
+  logging.info("%d tokens of %s at %s", manifest["tokens"], manifest["spec"]["model"],
+               manifest["spec"]["site"])
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,326 @@
+"""Harvesting: text -> tokens -> LM forward -> activations at a site -> `.npy` shards + manifest.
+
+The store is a directory of shard_NNNNN.npy files [rows, W] and manifest.json, which lists the
+complete shards and where the next one starts (context index, kept rows of it already stored).
+Shards are written to a temporary name and renamed, then the manifest is rewritten atomically,
+so a killed harvest restarts from its last complete shard and yields the same store. BOS, EOS
+and padding positions are never stored.
+"""
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from absl import logging
+
+from jumprelu import data, logs
+from jumprelu.lm import load, model, text
+
+MANIFEST = "manifest.json"
+STORE_DTYPES = ("float32", "bfloat16")
+
+
+# ----------------------------------------------------------------------------- the LM and text
+
+def load_lm(c):
+  """(params, cfg, tokenizer, model name) for config key lm.model_path ("" = SmolLM2-135M)."""
+  return _load_lm(c.lm.model_path or load.default_model_path(), c.lm.dtype, c.lm.bos_id,
+                  c.lm.eos_id)
+
+
+@functools.cache  # harvest, live training and evaluation in one job share one load
+def _load_lm(path: str, dtype: str, bos_id: int, eos_id: int):
+  params, cfg, tokenizer = load.load(path)
+  cfg = dataclasses.replace(cfg, dtype=dtype, bos_id=cfg.bos_id if bos_id < 0 else bos_id,
+                            eos_id=cfg.eos_id if eos_id < 0 else eos_id)
+  return params, cfg, tokenizer, os.path.basename(os.path.normpath(path))
+
+
+@functools.cache
+def _stdlib_docs() -> tuple[str, ...]:
+  return tuple(text.stdlib_docstrings())  # imports the whole standard library: do it once
+
+
+def documents(c):
+  """The text documents named by text.source: stdlib | files | hf."""
+  if c.text.source == "stdlib":
+    return iter(_stdlib_docs())
+  if c.text.source == "files":
+    return text.local_files(c.text.path, field=c.text.field)
+  if c.text.source == "hf":
+    return text.hf_dataset(c.text.path, c.text.split, field=c.text.field)
+  raise ValueError(f"text.source must be one of ('stdlib', 'files', 'hf'), got {c.text.source!r}")
+
+
+def contexts(c, cfg, tokenizer):
+  """Packed int32 contexts [lm.context_len], BOS first, in a fixed order."""
+  return text.pack(documents(c), tokenizer, c.lm.context_len, cfg.bos_id, cfg.eos_id)
+
+
+def keep_mask(cfg, tokens_BxL, skip_positions: int = 0):
+  """Positions whose activations are used: not BOS, EOS or padding, nor the first
+  `skip_positions` after BOS. Works on numpy and jax arrays."""
+  keep_BxL = text.harvest_mask(tokens_BxL, cfg.bos_id, cfg.eos_id, cfg.pad_id)
+  if skip_positions:
+    keep_BxL = keep_BxL & (np.arange(tokens_BxL.shape[1]) > skip_positions)
+  return keep_BxL
+
+
+@functools.cache
+def site_fn(cfg, site):
+  """Jitted tokens [B, L] -> activation [B, L, W] at `site`, stopping after its layer."""
+  fwd = functools.partial(model.forward, cfg=cfg, site=site, stop_at_site=True)
+  return jax.jit(lambda params, tokens: fwd(params, tokens_BxL=tokens)[1].astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------- the store
+
+def store_spec(c, cfg, tokenizer, model_name: str) -> dict:
+  """What a store holds; a store whose spec differs from the config's is refused."""
+  site = model.parse_site(c.lm.site)
+  return {
+      "model": model_name, "site": model.format_site(site), "layer": site.layer,
+      "hook_name": model.format_site(site, transformer_lens=True),
+      "width": model.site_width(cfg, site), "dtype": c.harvest.dtype,
+      "context_len": c.lm.context_len, "text": f"{c.text.source}:{c.text.path}",
+      "bos_id": cfg.bos_id, "eos_id": cfg.eos_id, "skip_positions": c.lm.skip_positions,
+      "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16],
+  }
+
+
+def read_manifest(directory: str) -> dict | None:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def _write_manifest(directory: str, manifest: dict) -> None:
+  tmp = os.path.join(directory, MANIFEST + ".tmp")
+  with open(tmp, "w") as fh:
+    json.dump(manifest, fh, indent=1)
+  os.replace(tmp, os.path.join(directory, MANIFEST))
+
+
+def model_name(c) -> str:
+  return os.path.basename(os.path.normpath(c.lm.model_path or load.default_model_path()))
+
+
+def check_store(c, stored: dict, directory: str) -> None:
+  """Refuses, before compiling, a store from another model, site or storage dtype."""
+  wanted = {"site": model.format_site(model.parse_site(c.lm.site))}
+  if c.data.source == "harvest" or c.lm.model_path:
+    wanted["model"] = model_name(c)
+  if c.data.source == "harvest":
+    wanted["dtype"] = c.harvest.dtype
+  check_spec({"spec": stored}, wanted, directory)
+
+
+def check_spec(manifest: dict, spec: dict, directory: str) -> None:
+  """Refuses a store harvested with another model, site, width, dtype, context or text."""
+  diffs = [f"{k}: store has {manifest['spec'].get(k)!r}, config wants {v!r}"
+           for k, v in spec.items() if manifest["spec"].get(k) != v]
+  if diffs:
+    raise ValueError(f"activation store {directory} does not match the config ("
+                     + "; ".join(diffs) + "); point data.path at a new directory, or delete this one")
+
+
+def _drop_bad_shards(directory: str, manifest: dict) -> None:
+  """Rolls the manifest back to before the first missing, truncated or mis-sized shard, so the
+  harvest regenerates it and everything after it."""
+  for i, shard in enumerate(manifest["shards"]):
+    path = os.path.join(directory, shard["file"])
+    try:
+      rows = np.load(path, mmap_mode="r").shape[0]
+      problem = None if rows == shard["rows"] else (
+          f"holds {rows} rows, manifest.json says {shard['rows']}")
+    except (OSError, ValueError) as e:
+      problem = f"cannot be read ({e})"
+    if problem:
+      logging.warning("activation shard %s %s: harvesting again from it on", path, problem)
+      manifest["tokens"] = sum(s["rows"] for s in manifest["shards"][:i])
+      manifest["next_context"], manifest["skip_rows"] = shard["start"]
+      manifest["shards"] = manifest["shards"][:i]
+      manifest["complete"] = False
+      _write_manifest(directory, manifest)
+      return
+
+
+def _save_shard(directory: str, index: int, rows_NxW: np.ndarray, dtype: str) -> str:
+  name = f"shard_{index:05d}.npy"
+  out = rows_NxW.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bfloat16" else rows_NxW
+  tmp = os.path.join(directory, name + ".tmp.npy")
+  np.save(tmp, out)
+  os.replace(tmp, os.path.join(directory, name))
+  return name
+
+
+def harvest(c, directory: str, lm=None) -> dict:
+  """Fills `directory` with harvest.num_tokens activations (resuming a partial store)."""
+  if c.harvest.dtype not in STORE_DTYPES:
+    raise ValueError(f"harvest.dtype must be one of {STORE_DTYPES}, got {c.harvest.dtype!r}")
+  params, cfg, tokenizer, name = lm or load_lm(c)
+  spec = store_spec(c, cfg, tokenizer, name)
+  if spec["width"] != c.data.d_in:
+    raise ValueError(f"{c.lm.site} of {name} has width {spec['width']}, but data.d_in="
+                     f"{c.data.d_in}; set --config.data.d_in={spec['width']}")
+  os.makedirs(directory, exist_ok=True)
+  manifest = read_manifest(directory)
+  if manifest is None:
+    manifest = {"spec": spec, "shards": [], "tokens": 0, "next_context": 0, "skip_rows": 0,
+                "complete": False}
+  check_spec(manifest, spec, directory)
+  for f in os.listdir(directory):  # leftovers of a killed write are never part of the store
+    if f.endswith(".tmp.npy") or f.endswith(".tmp"):
+      os.remove(os.path.join(directory, f))
+  _drop_bad_shards(directory, manifest)
+  target = c.harvest.num_tokens
+  if manifest["complete"] or manifest["tokens"] >= target:
+    return manifest
+
+  site = model.parse_site(c.lm.site)
+  forward = site_fn(cfg, site)
+  per_batch = c.lm.batch_contexts
+  # The store holds every kept row of contexts < next_context and the first skip_rows of
+  # next_context. Restart at a batch boundary so every forward sees the same batch of contexts
+  # as an uninterrupted harvest did (same shapes, same values), and drop what is stored.
+  cursor_ctx, cursor_skip = manifest["next_context"], manifest["skip_rows"]
+  first = cursor_ctx - cursor_ctx % per_batch
+  ctx_iter = contexts(c, cfg, tokenizer)
+  for _ in range(first):
+    next(ctx_iter)
+  pending = []  # (context index, offset of rows[0] among its kept rows, rows [n, W])
+  index, exhausted = first, False
+  bar = logs.progress(target, "harvest", "tok", start=manifest["tokens"], every_s=10.0)
+  while manifest["tokens"] < target and not exhausted:
+    batch = [t for _, t in zip(range(per_batch), ctx_iter)]
+    exhausted = len(batch) < per_batch
+    if not batch:
+      break
+    n_real = len(batch)
+    tokens_BxL = np.stack(batch + [batch[-1]] * (per_batch - n_real))  # one compiled shape
+    acts_BxLxW = np.asarray(forward(params, tokens_BxL))
+    keep_BxL = keep_mask(cfg, tokens_BxL, c.lm.skip_positions)
+    for b in range(n_real):
+      ctx, rows = index + b, acts_BxLxW[b][keep_BxL[b]]
+      if ctx > cursor_ctx:
+        pending.append((ctx, 0, rows))
+      elif ctx == cursor_ctx:
+        pending.append((ctx, cursor_skip, rows[cursor_skip:]))
+    index += per_batch
+    _flush(directory, manifest, pending, target, c.harvest.shard_tokens, exhausted,
+           c.harvest.dtype)
+    seen = min(target, manifest["tokens"] + sum(len(rows) for _, _, rows in pending))
+    bar.update(seen - bar.n)
+  bar.close()
+  if manifest["tokens"] < target:
+    logging.warning("text.source %s ran out after %d tokens (harvest.num_tokens=%d)",
+                    c.text.source, manifest["tokens"], target)
+  manifest["complete"] = True
+  _write_manifest(directory, manifest)
+  logging.info("activation store %s: %d tokens in %d shards", directory, manifest["tokens"],
+               len(manifest["shards"]))
+  return manifest
+
+
+def _flush(directory, manifest, pending, target, shard_rows, final, dtype) -> None:
+  """Writes each full shard from `pending` (and what is left if `final` or at the target)."""
+  while pending:
+    available = sum(len(rows) for _, _, rows in pending)
+    want = min(shard_rows, target - manifest["tokens"])
+    if want <= 0 or (available < want and not final):
+      return
+    want = min(want, available)
+    parts, taken = [], 0
+    while taken < want:
+      ctx, offset, rows = pending[0]
+      take = min(want - taken, len(rows))
+      parts.append(rows[:take])
+      taken += take
+      if take == len(rows):
+        pending.pop(0)
+        next_ctx, next_skip = ctx + 1, 0
+      else:
+        pending[0] = (ctx, offset + take, rows[take:])
+        next_ctx, next_skip = ctx, offset + take
+    start = [manifest["next_context"], manifest["skip_rows"]]
+    name = _save_shard(directory, len(manifest["shards"]), np.concatenate(parts), dtype)
+    manifest["shards"].append({"file": name, "rows": want, "start": start})
+    manifest["tokens"] += want
+    manifest["next_context"], manifest["skip_rows"] = next_ctx, next_skip
+    _write_manifest(directory, manifest)
+
+
+# ----------------------------------------------------------------------------- live streaming
+
+class LiveSource:
+  """Activations computed by the LM while training runs, instead of read from a store.
+
+  Chunk k holds every ordinary token of contexts [k·C, (k+1)·C) (C = data.live_chunk_contexts;
+  the text restarts when it runs out); steps [k·S, (k+1)·S) (S = data.live_chunk_steps) draw
+  their batches from it, shuffled statelessly by (seed, k). The batch at a step is thus a pure
+  function of (seed, step): a resumed run recomputes its chunk and reads the same rows.
+  """
+
+  def __init__(self, c, lm=None):
+    self.c = c
+    self.params, self.cfg, self.tokenizer, name = lm or load_lm(c)
+    self.site = model.parse_site(c.lm.site)
+    self.d = model.site_width(self.cfg, self.site)
+    self.names = [f"live {name} {c.lm.site}"]
+    self.n = 0  # rows of the current chunk (for the log line)
+    self._stream, self._next_ctx, self._k, self._chunk = None, 0, None, None
+    self._forward = site_fn(self.cfg, self.site)
+
+  def _contexts(self, first: int, count: int) -> list[np.ndarray]:
+    """Contexts first … first+count−1 of the endlessly repeated packed text."""
+    if self._stream is None or first < self._next_ctx:
+      self._stream, self._next_ctx = contexts(self.c, self.cfg, self.tokenizer), 0
+    out = []
+    while len(out) < count:
+      try:
+        tokens = next(self._stream)
+      except StopIteration:
+        if self._next_ctx == 0:
+          raise ValueError(f"text.source {self.c.text.source!r} yields no context of "
+                           f"{self.c.lm.context_len} tokens") from None
+        self._stream = contexts(self.c, self.cfg, self.tokenizer)  # another pass over the text
+        continue
+      if self._next_ctx >= first:
+        out.append(tokens)
+      self._next_ctx += 1
+    return out
+
+  def chunk(self, k: int) -> data.ActivationSource:
+    if k != self._k:
+      per_batch, count = self.c.lm.batch_contexts, self.c.data.live_chunk_contexts
+      ctx = self._contexts(k * count, count)
+      rows = []
+      for lo in range(0, count, per_batch):
+        batch = ctx[lo:lo + per_batch]
+        tokens_BxL = np.stack(batch + [batch[-1]] * (per_batch - len(batch)))
+        acts_BxLxW = np.asarray(self._forward(self.params, tokens_BxL))
+        keep_BxL = keep_mask(self.cfg, tokens_BxL, self.c.lm.skip_positions)
+        rows += [acts_BxLxW[b][keep_BxL[b]] for b in range(len(batch))]
+      self._k, self._chunk = k, data.ActivationSource(
+          [np.concatenate(rows)], self.names, seed=(self.c.seed * 1_000_003 + k) % 2**63)
+      self.n = self._chunk.n
+    return self._chunk
+
+  def batch(self, step: int, batch_size: int, lo: int = 0, hi: int | None = None):
+    k, s = divmod(step, self.c.data.live_chunk_steps)
+    return self.chunk(k).batch(s, batch_size, lo, hi)
+
+  def batch_skipping_nonfinite(self, step: int, batch_size: int, lo: int = 0,
+                               hi: int | None = None):
+    k, s = divmod(step, self.c.data.live_chunk_steps)
+    return self.chunk(k).batch_skipping_nonfinite(s, batch_size, lo, hi)
+
+  def mean_sq_norm(self, n_rows: int, skip_nonfinite: bool = False) -> float:
+    return self.chunk(0).mean_sq_norm(n_rows, skip_nonfinite)

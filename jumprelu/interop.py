@@ -1,0 +1,190 @@
+"""Released-SAE formats: SAELens 6 folders and Gemma Scope `params.npz`, to and from our params.
+
+Both formats hold raw-unit params (normalisation folded in, as export.raw_params gives them):
+W_enc [D, F], W_dec [F, D], b_enc [F], b_dec [D], threshold [F]. A SAELens folder is
+  cfg.json                  architecture, d_in, d_sae, dtype, ..., metadata {model_name, ...}
+  sae_weights.safetensors   the five arrays above
+  sparsity.safetensors      "sparsity": log10 firing density per feature [F] (optional)
+as written by SAELens 6 (`SAE.save_model`) and read by `SAE.load_from_disk`.
+"""
+import json
+import os
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from jumprelu import export
+
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_SPARSITY = "sparsity.safetensors"
+SAELENS_SPARSITY_KEY = "sparsity"
+# SAELens reads a cfg.json whose metadata.sae_lens_version is below 6 as the old flat schema.
+SAELENS_SCHEMA_VERSION = "6.0.0"
+# SAELens adds this to the density before log10, so a feature that never fired reads -10.
+LOG_DENSITY_EPS = 1e-10
+
+
+# ----------------------------------------------------------------------------- SAELens
+
+def log10_density(density_F) -> np.ndarray:
+  """SAELens's `sparsity` vector: log10(firing density + 1e-10), float32."""
+  return np.log10(np.asarray(density_F, np.float64) + LOG_DENSITY_EPS).astype(np.float32)
+
+
+def saelens_cfg(d_in: int, d_sae: int, *, model_name: str, hook_name: str, context_size: int,
+                dataset_path: str, prepend_bos: bool = True, exclude_special_tokens: bool = True,
+                extra_metadata: dict | None = None) -> dict:
+  """The cfg.json of an inference JumpReLU SAE in raw activation units (SAELens 6 schema)."""
+  metadata = {
+      "sae_lens_version": SAELENS_SCHEMA_VERSION,
+      "model_name": model_name,
+      "model_class_name": "HookedTransformer",
+      "hook_name": hook_name,  # TransformerLens style, e.g. blocks.12.hook_resid_post
+      "hook_head_index": None,
+      "context_size": context_size,
+      "dataset_path": dataset_path,
+      "prepend_bos": prepend_bos,
+      "exclude_special_tokens": exclude_special_tokens,
+      "seqpos_slice": [None],
+      "model_from_pretrained_kwargs": {},
+      "trained_with": "jumprelu",
+      **(extra_metadata or {}),
+  }
+  return {
+      "architecture": "jumprelu",
+      "d_in": int(d_in),
+      "d_sae": int(d_sae),
+      "dtype": "float32",
+      "device": "cpu",
+      # Our encoder reads x directly (π = x·W_enc + b_enc), not x − b_dec.
+      "apply_b_dec_to_input": False,
+      # The export already acts on raw activations, so SAELens must not rescale them.
+      "normalize_activations": "none",
+      "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
+      "metadata": metadata,
+  }
+
+
+def _write_atomic(path: str, write) -> None:
+  tmp = path + ".tmp"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def save_saelens(directory: str, params_raw: dict, *, model_name: str, hook_name: str,
+                 context_size: int, dataset_path: str, density_F=None, **cfg_kw) -> None:
+  """Writes a SAELens 6 folder from raw-unit params; `density_F` (fraction of tokens on which
+  each feature fires) becomes sparsity.safetensors. Each file is written atomically."""
+  missing = [k for k in export.GEMMA_SCOPE_KEYS if k not in params_raw]
+  if missing:
+    raise KeyError(f"params lack {missing}; pass export.raw_params(...) (an explicit threshold "
+                   "in raw units), not the training params")
+  arrays = {k: np.ascontiguousarray(params_raw[k], np.float32) for k in export.GEMMA_SCOPE_KEYS}
+  d_in, d_sae = arrays["W_enc"].shape
+  cfg = saelens_cfg(d_in, d_sae, model_name=model_name, hook_name=hook_name,
+                    context_size=context_size, dataset_path=dataset_path, **cfg_kw)
+  os.makedirs(directory, exist_ok=True)
+  _write_atomic(os.path.join(directory, SAELENS_WEIGHTS), lambda p: save_file(arrays, p))
+  sparsity_path = os.path.join(directory, SAELENS_SPARSITY)
+  if density_F is not None:
+    sparsity = {SAELENS_SPARSITY_KEY: log10_density(density_F)}
+    _write_atomic(sparsity_path, lambda p: save_file(sparsity, p))
+  elif os.path.exists(sparsity_path):  # from an earlier export of other weights
+    os.remove(sparsity_path)
+
+  def write_cfg(p):
+    with open(p, "w") as fh:
+      json.dump(cfg, fh, indent=1)
+  _write_atomic(os.path.join(directory, SAELENS_CFG), write_cfg)  # last: a cfg.json has weights
+
+
+def save_saelens_for_run(c, directory: str, params_raw: dict, density_F, norm_scale,
+                         manifest: dict | None = None) -> None:
+  """save_saelens with the metadata in config section `export`; keys left empty there come from
+  the activation store's manifest (a harvest records its model, hook and context length)."""
+  spec = (manifest or {}).get("spec", {})
+  save_saelens(directory, params_raw, density_F=density_F,
+               model_name=c.export.model_name or spec.get("model", ""),
+               hook_name=c.export.hook_name or spec.get("hook_name", ""),
+               context_size=c.export.context_size or spec.get("context_len", 0),
+               dataset_path=c.export.dataset_path or spec.get("text", "") or c.data.path,
+               extra_metadata={"normalization_scale": float(norm_scale),
+                               "sparsity_coefficient": c.sae.sparsity_coefficient,
+                               "density_tokens": c.export.density_batches * c.train.batch_size})
+
+
+def load_saelens(directory: str) -> tuple[dict, dict]:
+  """A SAELens JumpReLU folder as (our raw-unit params, its cfg dict).
+
+  apply_b_dec_to_input=True (SAELens encodes x − b_dec) is folded into b_enc; an SAE that
+  rescales its inputs at run time cannot be expressed as fixed params and is refused.
+  """
+  with open(os.path.join(directory, SAELENS_CFG)) as fh:
+    cfg = json.load(fh)
+  arch = cfg.get("architecture", "standard")
+  if arch != "jumprelu":
+    raise ValueError(f"{directory}/cfg.json has architecture {arch!r}; only 'jumprelu' SAEs "
+                     "load into jumprelu.sae")
+  norm = cfg.get("normalize_activations") or "none"
+  if norm != "none":
+    raise ValueError(f"{directory}/cfg.json has normalize_activations={norm!r}: SAELens rescales "
+                     "its inputs at run time, which fixed params cannot express; fold the scale "
+                     "in with SAELens (sae.fold_activation_norm_scaling_factor) and save again")
+  state = load_file(os.path.join(directory, SAELENS_WEIGHTS))
+  if "log_threshold" in state and "threshold" not in state:  # a SAELens training checkpoint
+    state["threshold"] = np.exp(state.pop("log_threshold"))
+  scale = state.pop("scaling_factor", state.pop("finetuning_scaling_factor", None))
+  if scale is not None and not np.allclose(scale, 1.0):
+    raise ValueError(f"{directory} has a finetuning scaling_factor that is not all ones; "
+                     "SAELens applies it to the features, which jumprelu.sae does not")
+  missing = [k for k in export.GEMMA_SCOPE_KEYS if k not in state]
+  if missing:
+    raise KeyError(f"{directory}/{SAELENS_WEIGHTS} lacks {missing}; a JumpReLU SAE has "
+                   f"{export.GEMMA_SCOPE_KEYS}")
+  params = {k: np.asarray(state[k], np.float32) for k in export.GEMMA_SCOPE_KEYS}
+  if cfg.get("apply_b_dec_to_input", True):  # pre-6 configs default to True
+    # (x − b_dec)·W_enc + b_enc = x·W_enc + (b_enc − b_dec·W_enc)
+    params["b_enc"] = params["b_enc"] - params["b_dec"] @ params["W_enc"]
+  return params, cfg
+
+
+def load_saelens_density(directory: str) -> np.ndarray | None:
+  """Firing density per feature [F] from sparsity.safetensors (undoing the log10), or None."""
+  path = os.path.join(directory, SAELENS_SPARSITY)
+  if not os.path.exists(path):
+    return None
+  log_F = load_file(path)[SAELENS_SPARSITY_KEY].astype(np.float64)
+  return np.maximum(10.0 ** log_F - LOG_DENSITY_EPS, 0.0)
+
+
+# ----------------------------------------------------------------------------- Gemma Scope
+
+def load_gemma_scope(path: str) -> dict:
+  """A Gemma Scope `params.npz` (also its lower-case `w_enc` spelling) as raw-unit params."""
+  with np.load(path) as f:
+    arrays = {("W_" + k[2:] if k.startswith("w_") else k): f[k] for k in f.files}
+  scale = arrays.pop("scaling_factor", None)
+  if scale is not None and not np.allclose(scale, 1.0):
+    raise ValueError(f"{path} has a scaling_factor that is not all ones, which jumprelu.sae "
+                     "does not apply")
+  missing = [k for k in export.GEMMA_SCOPE_KEYS if k not in arrays]
+  if missing:
+    raise KeyError(f"{path} lacks {missing}; a Gemma Scope params.npz has "
+                   f"{export.GEMMA_SCOPE_KEYS}")
+  return {k: np.asarray(arrays[k], np.float32) for k in export.GEMMA_SCOPE_KEYS}
+
+
+def load(path: str) -> dict:
+  """Raw-unit params from a params.npz, a SAELens folder, or a folder holding a params.npz."""
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, SAELENS_CFG)):
+      return load_saelens(path)[0]
+    if os.path.exists(os.path.join(path, "params.npz")):
+      return load_gemma_scope(os.path.join(path, "params.npz"))
+    raise FileNotFoundError(f"{path} holds neither {SAELENS_CFG} (a SAELens folder) nor "
+                            "params.npz (Gemma Scope)")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; give a params.npz or a SAELens folder")
+  return load_gemma_scope(path)
+

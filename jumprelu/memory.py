@@ -1,0 +1,85 @@
+"""Per-device memory of a config's train step on a mesh, without allocating a single weight.
+
+The state is built abstractly (eval_shape), laid out by sharding.py, and the jitted step is
+lowered and compiled for those shapes; XLA's memory analysis then gives what each device holds
+(arguments: params, optimiser state, batch; temporaries: one step's activations).
+"""
+import os
+
+import jax
+import numpy as np
+
+from jumprelu import sharding, train
+from jumprelu.lm import load, model
+
+GiB = 2.0**30
+
+
+def _per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes the first device holds of a tree laid out by `shardings`."""
+  total = 0
+  for leaf, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    shard = s.shard_shape(leaf.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * leaf.dtype.itemsize
+  return total
+
+
+def report(c, devices=None) -> dict:
+  """Bytes per device of params, optimiser state, batch, and the compiled step's temporaries."""
+  devices = jax.devices() if devices is None else devices
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.model, devices)
+  sharding.check_divisible(mesh, c.sae.width, c.train.batch_size)
+  abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0))
+  shardings = sharding.tree_shardings(mesh, abstract)
+  batch = jax.ShapeDtypeStruct((c.train.batch_size, c.data.d_in), np.float32,
+                               sharding=sharding.batch_sharding(mesh))
+  step = train.jit_train_step(c, mesh, shardings)
+  compiled = step.lower(abstract, batch).compile()
+  analysis = compiled.memory_analysis()
+  out = {
+      "mesh": dict(mesh.shape),
+      "params": _per_device_bytes(abstract.params, shardings.params),
+      "optimizer": _per_device_bytes(abstract.opt_state, shardings.opt_state),
+      "batch": _per_device_bytes(batch, batch.sharding),
+      "temporaries": int(getattr(analysis, "temp_size_in_bytes", 0)),
+      "arguments": int(getattr(analysis, "argument_size_in_bytes", 0)),
+  }
+  out["total"] = out["arguments"] + out["temporaries"]
+  return out
+
+
+def lm_param_count(cfg) -> int:
+  """Parameters of an LMConfig, from the shapes model.forward reads."""
+  d, f, q, kv = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  norms = 4 if cfg.family == "gemma2" else 2
+  layer = d * q + 2 * d * kv + q * d + 3 * d * f + norms * d
+  embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+  return embed + d + cfg.n_layers * layer
+
+
+def dry_run(c) -> str:
+  """What a run of config `c` would hold, built abstractly: the LM (from lm.model_path's
+  config.json, when it is a checkpoint directory) and the SAE train step per device."""
+  lines = []
+  if c.lm.model_path and os.path.isfile(os.path.join(c.lm.model_path, "config.json")):
+    cfg = load.hf_config(c.lm.model_path)
+    site = model.parse_site(c.lm.site)
+    n = lm_param_count(cfg)
+    lines.append(f"LM {os.path.basename(os.path.normpath(c.lm.model_path))}: {cfg.family}, "
+                 f"{cfg.n_layers} layers, d_model {cfg.d_model}, {n / 1e9:.2f}B parameters "
+                 f"({n * 4 / GiB:.1f} GiB float32, {n * 2 / GiB:.1f} GiB bfloat16); "
+                 f"{c.lm.site} has width {model.site_width(cfg, site)}")
+  else:
+    lines.append("LM: no checkpoint directory with a config.json at lm.model_path "
+                 f"({c.lm.model_path!r}); SAE only")
+  lines.append(f"SAE train step, B={c.train.batch_size} D={c.data.d_in} F={c.sae.width}, "
+               "per device:")
+  lines.append(table(report(c)))
+  return "\n".join(lines)
+
+
+def table(r: dict) -> str:
+  rows = [("mesh", str(r["mesh"]))] + [
+      (k, f"{r[k] / GiB:8.3f} GiB") for k in ("params", "optimizer", "batch", "temporaries",
+                                               "total")]
+  return "\n".join(f"{k:<12} {v}" for k, v in rows)

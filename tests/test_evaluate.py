@@ -1,0 +1,63 @@
+"""Evaluation with the SAE spliced in, on a tiny LM with SAEs whose answers are known."""
+import numpy as np
+import pytest
+
+from jumprelu import evaluate, harvest
+from tests.conftest import tiny
+from tests.tiny_lm import tiny_lm
+
+
+@pytest.fixture(scope="module")
+def setup():
+  lm = tiny_lm()
+  c = tiny(**{"data.source": "harvest", "data.d_in": 16, "lm.site": "resid_post.0",
+              "lm.context_len": 16, "eval.num_contexts": 10, "eval.skip_contexts": 40})
+  return c, lm, evaluate.held_out_contexts(c, lm[1], lm[2])
+
+
+def _perfect_sae(d):
+  """f = [relu(x), relu(−x)], x̂ = f·[I; −I] = x: reconstructs exactly."""
+  eye = np.eye(d, dtype=np.float32)
+  return {"W_enc": np.concatenate([eye, -eye], 1), "b_enc": np.zeros(2 * d, np.float32),
+          "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(d, np.float32),
+          "threshold": np.full(2 * d, 1e-9, np.float32)}
+
+
+def test_perfect_sae_recovers_all_the_loss(setup):
+  c, lm, contexts = setup
+  r = evaluate.evaluate_lm(c, lm, _perfect_sae(16), contexts)
+  assert r["tokens"] > 100
+  assert abs(r["delta_lm_loss"]) < 1e-4 and abs(r["kl_clean_sae"]) < 1e-5
+  assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+  assert r["fvu"] < 1e-8 and r["shrinkage_gamma"] == pytest.approx(1.0, abs=1e-6)
+  assert r["ce_zero_ablation"] > r["ce_clean"]  # ablating the residual stream hurts
+  assert 8 <= r["l0"] <= 16  # each coordinate is either positive or negative
+
+
+def test_zero_sae_is_zero_ablation(setup):
+  c, lm, contexts = setup
+  zero = {k: np.zeros_like(v) for k, v in _perfect_sae(16).items()}
+  zero["threshold"] += 1.0
+  r = evaluate.evaluate_lm(c, lm, zero, contexts)
+  assert r["ce_sae"] == pytest.approx(r["ce_zero_ablation"], rel=1e-6)
+  assert r["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+  assert r["l0"] == 0 and r["frac_features_dead_on_eval"] == 1.0
+  assert r["fvu"] >= 1.0  # x̂ = 0: Σ‖x‖² over Σ‖x − mean‖²
+
+
+def test_summary_arithmetic():
+  t = {"ce_tokens": 4.0, "ce_clean": 8.0, "ce_sae": 10.0, "ce_zero": 16.0, "kl": 2.0,
+       "act_tokens": 2.0, "l0": 6.0, "sq_err": 1.0, "sq_x": 10.0,
+       "sum_x": np.array([2.0, 0.0]), "xhat_xhat": 4.0, "xhat_x": 5.0,
+       "fires": np.array([2.0, 1.0, 0.0, 0.0])}
+  r = evaluate.summarize(t)
+  assert r["ce_clean"] == 2.0 and r["ce_sae"] == 2.5 and r["ce_zero_ablation"] == 4.0
+  assert r["delta_lm_loss"] == 0.5 and r["loss_recovered"] == 0.75 and r["kl_clean_sae"] == 0.5
+  assert r["l0"] == 3.0 and r["fvu"] == 1.0 / (10.0 - 2.0 * 1.0) and r["shrinkage_gamma"] == 0.8
+  assert r["frac_features_over_10pct"] == 0.5 and r["frac_features_dead_on_eval"] == 0.5
+
+
+def test_eval_contexts_must_be_held_out(setup):
+  c, lm, _ = setup
+  with pytest.raises(ValueError, match="eval.skip_contexts=40 overlaps the 50 contexts"):
+    evaluate.held_out_contexts(c, lm[1], lm[2], harvested_contexts=50)
