@@ -10,11 +10,17 @@ setup(
         "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12",
         "ml_collections>=1.0", "absl-py", "numpy", "chex",
         "safetensors",  # the SAELens export (interop.py)
+        "gguf", "tokenizers",  # the LM: GGUF dequantisation and the tokenizer, no torch
     ],
     extras_require={
         # tensorboard reads our event files back; nbclient & co. run notebooks/quickstart.ipynb
-        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        # torch, transformers and accelerate are the parity references (tests/lm); torch is
+        # pinned to the CPU build (an unpinned torch pulls several GB of CUDA packages).
+        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel", "matplotlib",
+                 "torch==2.13.0", "transformers", "accelerate", "datasets"],
         "notebook": ["matplotlib", "ipykernel"],
         "wandb": ["wandb"],  # log.wandb_project; TensorBoard event files need no extra
+        # scripts/bench.py: the PyTorch floor and the SAELens peer (torch pinned as for "test")
+        "bench": ["torch==2.13.0", "sae-lens>=6.54"],
     },
 )

@@ -29,10 +29,10 @@ def get_config():
   c.eval.num_contexts = 32
   c.eval.skip_contexts = 1200  # past the ~900 contexts the harvest reads
   c.sae.width = 2048
-  c.sae.sparsity_coefficient = 3e-4
-  # Normalised pre-activations at D=576 are ~0.03–0.3; from the recipe's θ = 0.001 log θ would
-  # need ~3,000 Adam steps to get there, twice this run's length.
-  c.sae.threshold_init = 0.02
+  c.sae.sparsity_coefficient = 1e-3
+  # Normalised pre-activations at D=576 are ~0.05–0.5; from the recipe's θ = 0.001 log θ would
+  # need ~4,000 Adam steps to get there, more than twice this run's length.
+  c.sae.threshold_init = 0.05
   c.optim.learning_rate = 1e-3  # a short run: the recipe's 7e-5 would barely move log θ
   c.optim.lr_warmup_steps = 100
   c.optim.sparsity_warmup_steps = 500

@@ -61,13 +61,16 @@ def parse_args():
   p.add_argument("--width", type=int, help="overrides the preset's F")
   p.add_argument("--precision", choices=sae.MATMUL_DTYPES, default="float32")
   p.add_argument("--steps", type=int, default=20, help="timed calls per candidate (median)")
-  p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compile included)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compile included)")
   p.add_argument("--l0_frac", type=float, default=0.01, help="fraction of entries that fire")
   p.add_argument("--sparse_capacity", type=float, default=0.02)
   p.add_argument("--impls", default="dense,sparse", help="our step implementations to time")
   p.add_argument("--no-peer", dest="peer", action="store_false", help="skip SAELens")
   p.add_argument("--store_batches", type=int, default=8, help="batches in the .npy store")
   p.add_argument("--peak_tflops", type=float, help="device peak, for the fraction-of-peak column")
+  p.add_argument("--precision_study", type=int, metavar="STEPS",
+                 help="instead: train configs/synthetic.py for STEPS steps with fp32 and bf16 "
+                      "matmuls (and the sparse step) and compare loss, L0, FVU and recovery")
   p.add_argument("--no-malloc_tuning", dest="malloc_tuning", action="store_false",
                  help="leave glibc's malloc defaults (see the comment at the top)")
   return p.parse_args()
@@ -211,10 +214,41 @@ def input_pipeline(args, d, rng):
   return x, float(np.median(times))
 
 
+# ----------------------------------------------------------------------------- precision study
+
+def precision_study(steps: int):
+  """Short synthetic runs: what bf16 matmul inputs (and the sparse step) change in training."""
+  from configs import synthetic
+  rows = []
+  for impl, dtype in (("dense", "float32"), ("dense", "bfloat16"), ("sparse", "float32"),
+                      ("sparse", "bfloat16")):
+    c = synthetic.get_config()
+    c.train.num_steps, c.train.step_impl, c.train.matmul_dtype = steps, impl, dtype
+    c.train.sparse_capacity = 0.25  # width 256: L0 ≈ 4 plus the window; dense while L0 is high
+    c.train.log_every = c.train.checkpoint_every = steps
+    c.log.tensorboard, c.log.progress, c.export.saelens = False, False, False
+    with tempfile.TemporaryDirectory() as tmp:
+      t0 = time.perf_counter()
+      summary = train.train_and_evaluate(c, tmp)
+      seconds = time.perf_counter() - t0
+    m = summary["final"]
+    rows.append((impl, dtype, m["loss"], m["l0"], m["fvu"], summary["dictionary_recovery"],
+                 m.get("dense_fallback", float("nan")), seconds))
+    print(f"# done: {impl} {dtype} in {seconds:.0f} s", flush=True)
+  print(f"\nconfigs/synthetic.py, {steps} steps (true L0 {summary['true_l0']:.2f})")
+  print(f"{'step':<8}{'matmul':<10}{'loss':>10}{'L0':>8}{'FVU':>9}{'recovery':>10}"
+        f"{'fallback':>10}{'seconds':>9}")
+  for impl, dtype, loss, l0, fvu, rec, fb, sec in rows:
+    print(f"{impl:<8}{dtype:<10}{loss:>10.5f}{l0:>8.3f}{fvu:>9.5f}{rec:>10.4f}{fb:>10.0f}"
+          f"{sec:>9.0f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
   args = parse_args()
+  if args.precision_study:
+    return precision_study(args.precision_study)
   d, f = SHAPES[args.shape]
   d, f = args.d_in or d, args.width or f
   B = args.batch

