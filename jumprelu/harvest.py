@@ -93,14 +93,6 @@ def store_spec(c, cfg, tokenizer, model_name: str) -> dict:
   }
 
 
-def read_manifest(directory: str) -> dict | None:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
-    return None
-  with open(path) as fh:
-    return json.load(fh)
-
-
 def _write_manifest(directory: str, manifest: dict) -> None:
   tmp = os.path.join(directory, MANIFEST + ".tmp")
   with open(tmp, "w") as fh:
@@ -171,7 +163,7 @@ def harvest(c, directory: str, lm=None) -> dict:
     raise ValueError(f"{c.lm.site} of {name} has width {spec['width']}, but data.d_in="
                      f"{c.data.d_in}; set --config.data.d_in={spec['width']}")
   os.makedirs(directory, exist_ok=True)
-  manifest = read_manifest(directory)
+  manifest = data.read_manifest(directory)
   if manifest is None:
     manifest = {"spec": spec, "shards": [], "tokens": 0, "next_context": 0, "skip_rows": 0,
                 "complete": False}

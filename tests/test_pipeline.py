@@ -62,3 +62,15 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
     np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-6 * scale, err_msg=path)
     np.testing.assert_allclose(sae.decode(params, f), x_hat_ref, rtol=1e-5,
                                atol=1e-6 * scale, err_msg=path)
+
+  # experiments/evaluate.py on the SAELens export gives the job's own evaluation.
+  job = json.load(open(tmp_path / "eval.json"))
+  again = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--workdir={tmp_path}",
+       f"--params={tmp_path / 'export' / 'saelens'}"],
+      capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  result = json.load(open(tmp_path / "eval.json"))
+  assert result["params"].endswith("saelens") and result["tokens"] == job["tokens"]
+  for k in ("ce_clean", "ce_sae", "delta_lm_loss", "l0", "fvu"):
+    assert abs(result[k] - job[k]) < 1e-5, k
