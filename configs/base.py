@@ -8,9 +8,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # "npy": activation shards [N, D] on disk; "harvest": harvest them from the LM first (into
-  # data.path, or WORKDIR/activations); "synthetic": known features in superposition
+  # data.path, or WORKDIR/activations); "live": no store, the LM computes activations chunk by
+  # chunk while training runs; "synthetic": known features in superposition
   c.data.source = "npy"
-  # "live": no store; the LM computes activations chunk by chunk while training runs
   c.data.path = ""  # a .npy file or a directory of .npy shards (memory-mapped)
   c.data.live_chunk_contexts = 64  # live: contexts whose activations form one shuffle chunk
   c.data.live_chunk_steps = 16  # live: train steps drawn from each chunk
@@ -78,8 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.dead_window_tokens = 10_000_000  # a feature that has not fired for this many tokens is dead
   c.train.overwrite = False  # delete a run of another config found in --workdir (else refuse)
   c.train.step_impl = "dense"  # "dense" | "sparse" (sparse.py): same gradients, faster at low L0
-  c.train.sparse_capacity = 0.02  # sparse step: room for this fraction of the B×F entries, else dense
-  c.train.matmul_dtype = "float32"  # "float32" | "bfloat16" matmul inputs; fp32 accumulate and state
+  c.train.sparse_capacity = 0.02  # sparse step: room for this fraction of B×F entries, else dense
+  c.train.matmul_dtype = "float32"  # "float32" | "bfloat16" matmul inputs (fp32 accumulation)
 
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True  # also write TensorBoard event files in DIR/tensorboard/

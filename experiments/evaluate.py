@@ -5,8 +5,13 @@
 SAE is a Gemma Scope params.npz or a SAELens folder (ours or released ones); it must act on the
 config's lm.site. Writes DIR/eval.json (with per-feature firing frequencies) and prints a table.
 """
-import json
 import os
+import sys
+
+# Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json
 
 import ml_collections
 from absl import app, flags

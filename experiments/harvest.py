@@ -4,6 +4,12 @@ Writes DIR/activations (or data.path): shard_NNNNN.npy files and manifest.json. 
 resumes an interrupted harvest and repairs a damaged one; `train.py` with the same config and
 workdir then trains on the store.
 """
+import os
+import sys
+
+# Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -6,6 +6,9 @@ value and meaning and exits.
 import os
 import sys
 
+# Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags

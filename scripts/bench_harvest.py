@@ -6,6 +6,12 @@ Both run SmolLM2-135M in float32 on this machine's CPU over the same packed docs
 and stop after the site's block (transformers: its layer list truncated there, no LM head).
 Needs `pip install torch==2.13.0 transformers accelerate` (the reference only).
 """
+import os
+import sys
+
+# Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import statistics
 import time
 

@@ -7,6 +7,9 @@
 import os
 import sys
 
+# Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from absl import app, flags
 from ml_collections import config_flags
 
