@@ -75,7 +75,7 @@ def loss(params: dict, x_BxD, *, sparsity_coefficient, bandwidth, kernel: str = 
   """Eq. 9–10 averaged over the batch: ‖x − x̂‖² + λ·Σᵢ H(πᵢ − θᵢ). Returns (loss, aux).
 
   Its gradients are those of autodiff through `encode`, `decode` and `ops.step` (see _loss).
-  `matmul_dtype="bfloat16"` runs the four big matmuls on bf16 inputs with fp32 accumulation.
+  `matmul_dtype="bfloat16"` runs every product on bf16 inputs with fp32 accumulation.
   """
   ops.check_kernel(kernel)
   if matmul_dtype not in MATMUL_DTYPES:

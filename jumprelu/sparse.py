@@ -30,6 +30,7 @@ def value_and_grad(params, x_BxD, *, sparsity_coefficient, bandwidth, kernel="re
 
   aux: recon_B, l0_B, fired_F (any row active), in_window (fraction of entries with
   |π − θ| < ε/2) and dense_fallback (1.0 when more than `capacity`·B·F entries qualified).
+  `matmul_dtype` applies to the encoder product; the sparse products run in float32.
   """
   batch, width = x_BxD.shape[0], params["W_enc"].shape[1]
   n_cap = max(1, int(capacity * batch * width))
@@ -38,13 +39,13 @@ def value_and_grad(params, x_BxD, *, sparsity_coefficient, bandwidth, kernel="re
   theta_F = sae.threshold(params)
   # The bias is added where z is read, so no second [B, F] array is materialised for it.
   xw_BxF = sae.matmul(x_BxD, params["W_enc"], matmul_dtype)
-  rows_bits = _pack_bits(candidates(jax.nn.relu(xw_BxF + params["b_enc"]), theta_F, bandwidth,
-                                    kernel))  # [B, F/32]
-  cols_bits = _transpose_bits(rows_bits, batch)[:width]  # [F, B/32]
-  count = jnp.sum(lax.population_count(rows_bits).astype(jnp.int32))
+  bits_BxW = _pack_bits(_candidates(jax.nn.relu(xw_BxF + params["b_enc"]), theta_F, bandwidth,
+                                     kernel))  # W = F/32
+  bits_FxV = _transpose_bits(bits_BxW, batch)[:width]  # V = B/32
+  count = jnp.sum(lax.population_count(bits_BxW).astype(jnp.int32))
 
   def sparse_branch(_):
-    return _sparse(params, x_BxD, xw_BxF, rows_bits, cols_bits, n_cap, lam, bandwidth, kernel)
+    return _sparse(params, x_BxD, xw_BxF, bits_BxW, bits_FxV, n_cap, lam, bandwidth, kernel)
 
   def dense_branch(_):
     loss_fn = lambda p: sae.loss(p, x_BxD, sparsity_coefficient=lam, bandwidth=bandwidth,
@@ -60,7 +61,7 @@ def value_and_grad(params, x_BxD, *, sparsity_coefficient, bandwidth, kernel="re
   return lax.cond(count <= n_cap, sparse_branch, dense_branch, None)
 
 
-def candidates(pre_BxF, theta_F, bandwidth, kernel):
+def _candidates(pre_BxF, theta_F, bandwidth, kernel):
   """Entries that are active, inside the kernel's support, or within ε/2 of θ (the in_window
   metric): outside them every term of the loss gradient is exactly zero."""
   diff_BxF = pre_BxF - theta_F
@@ -68,12 +69,12 @@ def candidates(pre_BxF, theta_F, bandwidth, kernel):
   return (ops.heaviside(diff_BxF) > 0) | (k_BxF != 0) | (jnp.abs(diff_BxF) < 0.5 * bandwidth)
 
 
-def _sparse(params, x_BxD, xw_BxF, rows_bits, cols_bits, n_cap, lam, bandwidth, kernel):
+def _sparse(params, x_BxD, xw_BxF, bits_BxW, bits_FxV, n_cap, lam, bandwidth, kernel):
   batch, width = xw_BxF.shape
   theta_F = sae.threshold(params)
 
   # Row-major list: decode x̂ = f·W_dec with a CSR × dense product.
-  b_N, j_N, ptr_B1, nnz = _compact(rows_bits, n_cap, width)
+  b_N, j_N, ptr_B1, nnz = _compact(bits_BxW, n_cap, width)
   valid_N = jnp.arange(n_cap) < nnz
   pre_N = jax.nn.relu(xw_BxF[b_N, j_N] + params["b_enc"][j_N])
   act_N = ops.heaviside(pre_N - theta_F[j_N]) * valid_N
@@ -86,7 +87,7 @@ def _sparse(params, x_BxD, xw_BxF, rows_bits, cols_bits, n_cap, lam, bandwidth, 
   g_xhat_BxD = (2.0 / batch) * r_BxD
 
   # Feature-major list of the same entries: ∂f there, then every gradient.
-  t_N, s_N, ptr_F1, _ = _compact(cols_bits, n_cap, batch)  # t: feature, s: row
+  t_N, s_N, ptr_F1, _ = _compact(bits_FxV, n_cap, batch)  # t: feature, s: row
   valid_N = jnp.arange(n_cap) < nnz
   z_N = xw_BxF[s_N, t_N] + params["b_enc"][t_N]
   pre_N = jax.nn.relu(z_N)
@@ -96,7 +97,7 @@ def _sparse(params, x_BxD, xw_BxF, rows_bits, cols_bits, n_cap, lam, bandwidth, 
   k_N = ops.kernel_fn(kernel, (pre_N - theta_N) / bandwidth) * valid_N
   g_f_N = _sddmm(g_xhat_BxD, params["W_dec"], s_N, t_N, nnz)
   g_z_N = jnp.where(z_N > 0, act_N * g_f_N, 0.0)
-  g_theta_N = -(theta_N / bandwidth) * k_N * g_f_N - (1.0 / bandwidth) * k_N * (lam / batch)
+  g_theta_N = k_N * (-(theta_N / bandwidth) * g_f_N - (lam / batch) / bandwidth)  # Eq. 11 + 12
   g_theta_F = jax.ops.segment_sum(g_theta_N, t_N, width, indices_are_sorted=True)
   grads = {
       "W_enc": _csr_matmul(g_z_N, s_N, ptr_F1, x_BxD, (width, batch)).T,

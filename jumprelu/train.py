@@ -176,7 +176,8 @@ _RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.checkpoint_every
                    "mesh.data", "mesh.model", "log.tensorboard", "log.wandb_project",
                    "log.histogram_every", "log.progress", "export.saelens", "export.model_name",
                    "export.hook_name", "export.context_size", "export.dataset_path",
-                   "export.density_batches")
+                   "export.density_batches",
+                   "train.step_impl", "train.sparse_capacity")  # same gradients either way
 # Everything a run writes into its workdir (logs.py's files too): what train.overwrite deletes.
 _RUN_OUTPUTS = ("checkpoints", "checkpoints_rejected", "export", "metrics.jsonl",
                 "histograms.jsonl", "tensorboard", "wandb_id", "summary.json", "config.json")

@@ -31,7 +31,8 @@ import time
 # page-faulted in afresh; on VMs that report free pages to the host that costs more than the
 # arithmetic. One arena, no mmap and no trimming keep them mapped. Applied to every candidate
 # alike (one process); --no-malloc_tuning measures without it.
-_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+             "glibc.malloc.trim_threshold=68719476736")
 if (platform.system() == "Linux" and "--no-malloc_tuning" not in sys.argv
     and os.environ.get("GLIBC_TUNABLES") != _TUNABLES):
   os.environ["GLIBC_TUNABLES"] = _TUNABLES
@@ -66,6 +67,8 @@ def parse_args():
   p.add_argument("--sparse_capacity", type=float, default=0.02)
   p.add_argument("--impls", default="dense,sparse", help="our step implementations to time")
   p.add_argument("--no-peer", dest="peer", action="store_false", help="skip SAELens")
+  p.add_argument("--no-torch", dest="torch", action="store_false",
+                 help="skip the torch floor and the peer (torch's CPU bf16 products are very slow)")
   p.add_argument("--store_batches", type=int, default=8, help="batches in the .npy store")
   p.add_argument("--peak_tflops", type=float, help="device peak, for the fraction-of-peak column")
   p.add_argument("--precision_study", type=int, metavar="STEPS",
@@ -269,9 +272,10 @@ def main():
   candidates = {"floor jax": jax_floor(x_BxD, params["W_enc"], args.precision)}
   torch_version = None
   try:
-    import torch
-    torch_version = torch.__version__
-    candidates["floor torch"] = torch_floor(x_BxD, params["W_enc"], args.precision)
+    if args.torch:
+      import torch
+      torch_version = torch.__version__
+      candidates["floor torch"] = torch_floor(x_BxD, params["W_enc"], args.precision)
   except ImportError:
     print("# torch not installed: no torch floor and no peer (pip install -e .[bench])")
   for impl in args.impls.split(","):

@@ -1,4 +1,4 @@
-"""train.matmul_dtype="bfloat16": bf16 matmul inputs, fp32 accumulation, params and optimiser state."""
+"""train.matmul_dtype="bfloat16": bf16 matmul inputs; fp32 accumulation, params and Adam state."""
 import jax
 import jax.numpy as jnp
 import numpy as np
