@@ -71,6 +71,15 @@ def keep_mask(cfg, tokens_BxL, skip_positions: int = 0):
   return keep_BxL
 
 
+def context_rows(c, forward, params, cfg, batch: list) -> list[np.ndarray]:
+  """Each context's kept activations [n_i, W], from one forward over lm.batch_contexts contexts
+  (a short batch is padded by repeating its last context: one compiled shape, same values)."""
+  tokens_BxL = np.stack(batch + [batch[-1]] * (c.lm.batch_contexts - len(batch)))
+  acts_BxLxW = np.asarray(forward(params, tokens_BxL))
+  keep_BxL = keep_mask(cfg, tokens_BxL, c.lm.skip_positions)
+  return [acts_BxLxW[b][keep_BxL[b]] for b in range(len(batch))]
+
+
 @functools.cache
 def site_fn(cfg, site):
   """Jitted tokens [B, L] -> activation [B, L, W] at `site`, stopping after its layer."""
@@ -195,12 +204,8 @@ def harvest(c, directory: str, lm=None) -> dict:
     exhausted = len(batch) < per_batch
     if not batch:
       break
-    n_real = len(batch)
-    tokens_BxL = np.stack(batch + [batch[-1]] * (per_batch - n_real))  # one compiled shape
-    acts_BxLxW = np.asarray(forward(params, tokens_BxL))
-    keep_BxL = keep_mask(cfg, tokens_BxL, c.lm.skip_positions)
-    for b in range(n_real):
-      ctx, rows = index + b, acts_BxLxW[b][keep_BxL[b]]
+    for b, rows in enumerate(context_rows(c, forward, params, cfg, batch)):
+      ctx = index + b
       if ctx > cursor_ctx:
         pending.append((ctx, 0, rows))
       elif ctx == cursor_ctx:
@@ -295,11 +300,8 @@ class LiveSource:
       ctx = self._contexts(k * count, count)
       rows = []
       for lo in range(0, count, per_batch):
-        batch = ctx[lo:lo + per_batch]
-        tokens_BxL = np.stack(batch + [batch[-1]] * (per_batch - len(batch)))
-        acts_BxLxW = np.asarray(self._forward(self.params, tokens_BxL))
-        keep_BxL = keep_mask(self.cfg, tokens_BxL, self.c.lm.skip_positions)
-        rows += [acts_BxLxW[b][keep_BxL[b]] for b in range(len(batch))]
+        rows += context_rows(self.c, self._forward, self.params, self.cfg,
+                             ctx[lo:lo + per_batch])
       self._k, self._chunk = k, data.ActivationSource(
           [np.concatenate(rows)], self.names, seed=(self.c.seed * 1_000_003 + k) % 2**63)
       self.n = self._chunk.n
