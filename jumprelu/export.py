@@ -38,12 +38,3 @@ def save_json(path: str, obj) -> None:
   with open(tmp, "w") as fh:
     json.dump(obj, fh, indent=1)
   _commit(tmp, path)
-
-
-def load_npz(path: str) -> dict:
-  """Reads a Gemma Scope `params.npz` (W_enc [D,F], W_dec [F,D], b_enc, b_dec, threshold)."""
-  with np.load(path) as f:
-    missing = [k for k in GEMMA_SCOPE_KEYS if k not in f.files]
-    if missing:
-      raise KeyError(f"{path} lacks {missing}; a Gemma Scope params.npz has {GEMMA_SCOPE_KEYS}")
-    return {k: np.asarray(f[k], np.float32) for k in GEMMA_SCOPE_KEYS}

@@ -131,7 +131,7 @@ def test_training_writes_the_saelens_folder_with_firing_densities(tmp_path):
   train.train_and_evaluate(c, str(tmp_path))
   out = tmp_path / "export" / "saelens"
   params, cfg = interop.load_saelens(str(out))
-  npz = export.load_npz(str(tmp_path / "export" / "params.npz"))
+  npz = interop.load_gemma_scope(str(tmp_path / "export" / "params.npz"))
   for k in export.GEMMA_SCOPE_KEYS:
     np.testing.assert_array_equal(params[k], npz[k])
   assert cfg["metadata"]["model_name"] == "synthetic"

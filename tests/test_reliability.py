@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
-from jumprelu import checkpoint, data, export, sharding, train, validate
+from jumprelu import checkpoint, data, export, interop, sharding, train, validate
 from tests.conftest import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,8 +157,8 @@ def test_kill_anywhere_then_rerun_ends_bit_identical(tmp_path, reference):
   done = _cli(run_dir)
   assert done.returncode == 0, done.stderr[-3000:]
   _assert_same_state(_restore(run_dir), _restore(reference))
-  a = export.load_npz(str(reference / "export" / "params.npz"))
-  b = export.load_npz(str(run_dir / "export" / "params.npz"))
+  a = interop.load_gemma_scope(str(reference / "export" / "params.npz"))
+  b = interop.load_gemma_scope(str(run_dir / "export" / "params.npz"))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   final = [json.load(open(d / "summary.json"))["final"] for d in (reference, run_dir)]

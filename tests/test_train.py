@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import checkpoint, data, export, sae, sharding, train
+from jumprelu import checkpoint, data, interop, sae, sharding, train
 from tests.conftest import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,8 +56,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
   assert int(a.step) == int(b.step) == 12
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  pa = export.load_npz(str(tmp_path / "whole" / "export" / "params.npz"))
-  pb = export.load_npz(str(tmp_path / "resumed" / "export" / "params.npz"))
+  pa = interop.load_gemma_scope(str(tmp_path / "whole" / "export" / "params.npz"))
+  pb = interop.load_gemma_scope(str(tmp_path / "resumed" / "export" / "params.npz"))
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k])
   steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "metrics.jsonl")]
