@@ -53,12 +53,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.skip_contexts = 2000  # start of the held-out contexts in the packed text stream
 
   c.sae = ml_collections.ConfigDict()
+  c.sae.arch = "jumprelu"  # "jumprelu" | "relu" (L1) | "gated" | "topk" (the paper's baselines)
   c.sae.width = 16384  # dictionary width F
   c.sae.sparsity_coefficient = 1e-3  # λ in L = ‖x − x̂‖² + λ‖f‖₀ (inputs normalised)
   c.sae.bandwidth = 0.001  # STE kernel bandwidth ε (tuned for normalised inputs)
   c.sae.kernel = "rectangle"  # KDE kernel of the pseudo-derivative: rectangle|triangle|gaussian
   c.sae.threshold_init = 0.001  # initial θ for every feature
   c.sae.threshold_param = "log"  # train θ through its log ("log") or directly ("raw")
+  c.sae.k = 64  # topk: latents kept per token
+  c.sae.k_aux = 512  # topk: dead latents that reconstruct the residual in AuxK (Gao et al.)
+  c.sae.aux_coefficient = 1 / 32  # topk: weight α of the AuxK loss (Gao et al.)
+
+  # A non-empty axis trains every combination as ONE vmapped ensemble (same init, same batches)
+  # under WORKDIR/members/NAME/, each member a complete run of its own; empty axes keep sae.*.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.sparsity_coefficient = ()  # λ values, e.g. (1e-4, 3e-4, 1e-3)
+  c.sweep.bandwidth = ()  # JumpReLU ε values
+  c.sweep.k = ()  # TopK k values
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 7e-5  # Adam learning rate after warm-up
@@ -75,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100  # steps between metrics lines and progress lines
   c.train.checkpoint_every = 5000  # steps between orbax checkpoints (one is also saved at the end)
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
-  c.train.dead_window_tokens = 10_000_000  # a feature that has not fired for this many tokens is dead
+  # A feature that has not fired for this many tokens is dead (and feeds TopK's AuxK loss)
+  c.train.dead_window_tokens = 10_000_000
   c.train.overwrite = False  # delete a run of another config found in --workdir (else refuse)
   c.train.step_impl = "dense"  # "dense" | "sparse" (sparse.py): same gradients, faster at low L0
   c.train.sparse_capacity = 0.02  # sparse step: room for this fraction of B×F entries, else dense

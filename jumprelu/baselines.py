@@ -121,11 +121,19 @@ def topk_init(key, d_in: int, width: int, *, dtype=jnp.float32) -> dict:
   return _decoder_init(key, d_in, width, dtype)
 
 
-def _topk_mask(v_BxF, k: int):
-  """Boolean [B, F], True at each row's k largest entries (ties broken by lax.top_k)."""
-  _, idx_BxK = lax.top_k(v_BxF, k)
+def _topk_mask(v_BxF, k, k_max: int | None = None):
+  """Boolean [B, F], True at each row's k largest entries (ties broken by lax.top_k).
+
+  `k` may be traced (an ensemble of SAEs with different k, vmapped) when the static `k_max` ≥ k
+  is given: lax.top_k returns its k_max entries in descending order, so the first k of them are
+  top_k(v, k)'s, and the rest are masked off.
+  """
+  k_max = k if k_max is None else k_max
+  _, idx_BxK = lax.top_k(v_BxF, k_max)
   rows_Bx1 = jnp.arange(v_BxF.shape[0])[:, None]
-  return jnp.zeros(v_BxF.shape, bool).at[rows_Bx1, idx_BxK].set(True)
+  keep_K = jnp.arange(k_max) < k
+  return jnp.zeros(v_BxF.shape, bool).at[rows_Bx1, idx_BxK].set(
+      jnp.broadcast_to(keep_K, idx_BxK.shape))
 
 
 def _check_k(name: str, k, width: int) -> None:
@@ -134,16 +142,21 @@ def _check_k(name: str, k, width: int) -> None:
                      f"(it is static under jit), got {k!r}")
 
 
-def topk_encode(params: dict, x_BxD, *, k: int):
-  """f = each row's k largest of ReLU(x·W_enc + b_enc), the rest 0 [B, F], and that ReLU [B, F]."""
-  _check_k("k", k, params["W_enc"].shape[-1])
+def topk_encode(params: dict, x_BxD, *, k, k_max: int | None = None):
+  """f = each row's k largest of ReLU(x·W_enc + b_enc), the rest 0 [B, F], and that ReLU [B, F].
+
+  k is a Python int, or a traced one with a static bound k_max (see _topk_mask)."""
+  _check_k("k" if k_max is None else "k_max", k if k_max is None else k_max,
+           params["W_enc"].shape[-1])
   pre_BxF = jax.nn.relu(x_BxD @ params["W_enc"] + params["b_enc"])
   # A mask rather than a scatter of top_k's values: the gradient reaches the k selected
   # latents and no others, and needs no gather in the backward pass.
-  return jnp.where(_topk_mask(lax.stop_gradient(pre_BxF), k), pre_BxF, 0.0), pre_BxF
+  mask_BxF = _topk_mask(lax.stop_gradient(pre_BxF), k, k_max)
+  return jnp.where(mask_BxF, pre_BxF, 0.0), pre_BxF
 
 
-def topk_loss(params: dict, x_BxD, *, k: int, k_aux: int, aux_coefficient, dead_F):
+def topk_loss(params: dict, x_BxD, *, k, k_aux: int, aux_coefficient, dead_F,
+              k_max: int | None = None):
   """mean_B‖x − x̂‖² + α·AuxK (dead latents reconstructing the residual). Returns (loss, aux).
 
   AuxK (Gao et al., Sec. 2.4 and App. A.2; α = 1/32, k_aux = 512 there): e = x − x̂ with x̂
@@ -156,7 +169,7 @@ def topk_loss(params: dict, x_BxD, *, k: int, k_aux: int, aux_coefficient, dead_
   """
   _check_k("k_aux", k_aux, params["W_enc"].shape[-1])
   x_BxD = jnp.asarray(x_BxD)
-  f_BxF, pre_BxF = topk_encode(params, x_BxD, k=k)
+  f_BxF, pre_BxF = topk_encode(params, x_BxD, k=k, k_max=k_max)
   x_hat_BxD = sae.decode(params, f_BxF)
   recon_B = _recon_B(x_BxD, x_hat_BxD)
 

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from jumprelu import export
+from jumprelu import arch, export
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -32,10 +32,22 @@ def log10_density(density_F) -> np.ndarray:
   return np.log10(np.asarray(density_F, np.float64) + LOG_DENSITY_EPS).astype(np.float32)
 
 
+# Our architecture -> SAELens's (6.x inference classes), and our raw-unit names -> its weights.
+SAELENS_ARCH = {"jumprelu": "jumprelu", "relu": "standard", "gated": "gated", "topk": "topk"}
+SAELENS_WEIGHT_NAMES = {
+    "jumprelu": {k: k for k in export.GEMMA_SCOPE_KEYS},
+    "relu": {k: k for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
+    "topk": {k: k for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
+    "gated": {"W_gate": "W_enc", "b_gate": "b_gate", "r_mag": "r_mag", "b_mag": "b_mag",
+              "W_dec": "W_dec", "b_dec": "b_dec"},
+}
+
+
 def saelens_cfg(d_in: int, d_sae: int, *, model_name: str, hook_name: str, context_size: int,
                 dataset_path: str, prepend_bos: bool = True, exclude_special_tokens: bool = True,
-                extra_metadata: dict | None = None) -> dict:
-  """The cfg.json of an inference JumpReLU SAE in raw activation units (SAELens 6 schema)."""
+                extra_metadata: dict | None = None, arch_name: str = "jumprelu",
+                k: int | None = None) -> dict:
+  """The cfg.json of an inference SAE in raw activation units (SAELens 6 schema)."""
   metadata = {
       "sae_lens_version": SAELENS_SCHEMA_VERSION,
       "model_name": model_name,
@@ -51,19 +63,23 @@ def saelens_cfg(d_in: int, d_sae: int, *, model_name: str, hook_name: str, conte
       "trained_with": "jumprelu",
       **(extra_metadata or {}),
   }
-  return {
-      "architecture": "jumprelu",
+  cfg = {
+      "architecture": SAELENS_ARCH[arch_name],
       "d_in": int(d_in),
       "d_sae": int(d_sae),
       "dtype": "float32",
       "device": "cpu",
-      # Our encoder reads x directly (π = x·W_enc + b_enc), not x − b_dec.
-      "apply_b_dec_to_input": False,
+      # Our encoders read x directly (π = x·W_enc + b_enc), not x − b_dec; the Gated SAE's
+      # paths read x − b_dec, as SAELens's do.
+      "apply_b_dec_to_input": arch_name == "gated",
       # The export already acts on raw activations, so SAELens must not rescale them.
       "normalize_activations": "none",
       "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
       "metadata": metadata,
   }
+  if arch_name == "topk":
+    cfg.update(k=int(k), rescale_acts_by_decoder_norm=False)
+  return cfg
 
 
 def _write_atomic(path: str, write) -> None:
@@ -74,16 +90,21 @@ def _write_atomic(path: str, write) -> None:
 
 def save_saelens(directory: str, params_raw: dict, *, model_name: str, hook_name: str,
                  context_size: int, dataset_path: str, density_F=None, **cfg_kw) -> None:
-  """Writes a SAELens 6 folder from raw-unit params; `density_F` (fraction of tokens on which
-  each feature fires) becomes sparsity.safetensors. Each file is written atomically."""
-  missing = [k for k in export.GEMMA_SCOPE_KEYS if k not in params_raw]
+  """Writes a SAELens 6 folder from raw-unit params (any architecture, arch.raw_params);
+  `density_F` (fraction of tokens on which each feature fires) becomes sparsity.safetensors.
+  Each file is written atomically."""
+  arch_name = arch.name_of(params_raw)
+  names = SAELENS_WEIGHT_NAMES[arch_name]
+  missing = [k for k in names if k not in params_raw]
   if missing:
-    raise KeyError(f"params lack {missing}; pass export.raw_params(...) (an explicit threshold "
-                   "in raw units), not the training params")
-  arrays = {k: np.ascontiguousarray(params_raw[k], np.float32) for k in export.GEMMA_SCOPE_KEYS}
+    raise KeyError(f"params lack {missing}; pass arch.raw_params(...) (raw units, an explicit "
+                   "threshold for JumpReLU), not the training params")
+  arrays = {names[k]: np.ascontiguousarray(params_raw[k], np.float32) for k in names}
   d_in, d_sae = arrays["W_enc"].shape
+  k = int(params_raw["k"]) if arch_name == "topk" else None
   cfg = saelens_cfg(d_in, d_sae, model_name=model_name, hook_name=hook_name,
-                    context_size=context_size, dataset_path=dataset_path, **cfg_kw)
+                    context_size=context_size, dataset_path=dataset_path, arch_name=arch_name,
+                    k=k, **cfg_kw)
   os.makedirs(directory, exist_ok=True)
   _write_atomic(os.path.join(directory, SAELENS_WEIGHTS), lambda p: save_file(arrays, p))
   sparsity_path = os.path.join(directory, SAELENS_SPARSITY)
@@ -115,17 +136,22 @@ def save_saelens_for_run(c, directory: str, params_raw: dict, density_F, norm_sc
 
 
 def load_saelens(directory: str) -> tuple[dict, dict]:
-  """A SAELens JumpReLU folder as (our raw-unit params, its cfg dict).
+  """A SAELens folder (jumprelu, standard, gated or topk) as (our raw-unit params, its cfg).
 
-  apply_b_dec_to_input=True (SAELens encodes x − b_dec) is folded into b_enc; an SAE that
-  rescales its inputs at run time cannot be expressed as fixed params and is refused.
+  apply_b_dec_to_input=True (SAELens encodes x − b_dec) is folded into b_enc (the Gated SAE
+  reads x − b_dec itself, so it must be True there); an SAE that rescales its inputs at run
+  time cannot be expressed as fixed params and is refused.
   """
   with open(os.path.join(directory, SAELENS_CFG)) as fh:
     cfg = json.load(fh)
-  arch = cfg.get("architecture", "standard")
-  if arch != "jumprelu":
-    raise ValueError(f"{directory}/cfg.json has architecture {arch!r}; only 'jumprelu' SAEs "
-                     "load into jumprelu.sae")
+  theirs = cfg.get("architecture", "standard")
+  ours = {v: k for k, v in SAELENS_ARCH.items()}.get(theirs)
+  if ours is None:
+    raise ValueError(f"{directory}/cfg.json has architecture {theirs!r}; jumprelu loads "
+                     f"{sorted(SAELENS_ARCH.values())}")
+  if ours == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+    raise ValueError(f"{directory}/cfg.json has rescale_acts_by_decoder_norm=True, which "
+                     "jumprelu's TopK SAE does not apply")
   norm = cfg.get("normalize_activations") or "none"
   if norm != "none":
     raise ValueError(f"{directory}/cfg.json has normalize_activations={norm!r}: SAELens rescales "
@@ -138,14 +164,23 @@ def load_saelens(directory: str) -> tuple[dict, dict]:
   if scale is not None and not np.allclose(scale, 1.0):
     raise ValueError(f"{directory} has a finetuning scaling_factor that is not all ones; "
                      "SAELens applies it to the features, which jumprelu.sae does not")
-  missing = [k for k in export.GEMMA_SCOPE_KEYS if k not in state]
+  names = SAELENS_WEIGHT_NAMES[ours]
+  missing = [theirs_name for theirs_name in names.values() if theirs_name not in state]
   if missing:
-    raise KeyError(f"{directory}/{SAELENS_WEIGHTS} lacks {missing}; a JumpReLU SAE has "
-                   f"{export.GEMMA_SCOPE_KEYS}")
-  params = {k: np.asarray(state[k], np.float32) for k in export.GEMMA_SCOPE_KEYS}
-  if cfg.get("apply_b_dec_to_input", True):  # pre-6 configs default to True
+    raise KeyError(f"{directory}/{SAELENS_WEIGHTS} lacks {missing}; a SAELens {theirs!r} SAE "
+                   f"has {sorted(names.values())}")
+  params = {k: np.asarray(state[v], np.float32) for k, v in names.items()}
+  b_dec_in = cfg.get("apply_b_dec_to_input", True)  # pre-6 configs default to True
+  if ours == "gated" and not b_dec_in:
+    raise ValueError(f"{directory}/cfg.json has apply_b_dec_to_input=False for a Gated SAE; "
+                     "jumprelu's Gated SAE always reads x − b_dec")
+  if ours != "gated" and b_dec_in:
     # (x − b_dec)·W_enc + b_enc = x·W_enc + (b_enc − b_dec·W_enc)
     params["b_enc"] = params["b_enc"] - params["b_dec"] @ params["W_enc"]
+  if ours != "jumprelu":
+    params["architecture"] = np.asarray(ours)
+  if ours == "topk":
+    params["k"] = np.asarray(cfg["k"], np.int32)
   return params, cfg
 
 
@@ -161,9 +196,18 @@ def load_saelens_density(directory: str) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- Gemma Scope
 
 def load_gemma_scope(path: str) -> dict:
-  """A Gemma Scope `params.npz` (also its lower-case `w_enc` spelling) as raw-unit params."""
+  """A Gemma Scope `params.npz` (also its lower-case `w_enc` spelling) as raw-unit params; also
+  reads our exports of the other architectures (arch.raw_params, marked by `architecture`)."""
   with np.load(path) as f:
     arrays = {("W_" + k[2:] if k.startswith("w_") else k): f[k] for k in f.files}
+  if "architecture" in arrays and arch.name_of(arrays) != "jumprelu":
+    names = list(SAELENS_WEIGHT_NAMES[arch.name_of(arrays)]) + ["architecture"] + (
+        ["k"] if arch.name_of(arrays) == "topk" else [])
+    missing = [k for k in names if k not in arrays]
+    if missing:
+      raise KeyError(f"{path} lacks {missing}; a {arch.name_of(arrays)} export has {names}")
+    return {k: arrays[k] if k in ("architecture", "k") else np.asarray(arrays[k], np.float32)
+            for k in names}
   scale = arrays.pop("scaling_factor", None)
   if scale is not None and not np.allclose(scale, 1.0):
     raise ValueError(f"{path} has a scaling_factor that is not all ones, which jumprelu.sae "

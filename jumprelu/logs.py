@@ -4,6 +4,7 @@ histograms, and progress bars with rate and ETA.
 Files in the run directory: metrics.jsonl (one line per logged step), histograms.jsonl (one
 line per histogram: step, name, bin edges and counts), tensorboard/ (event files), wandb_id.
 """
+import functools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jumprelu import arch as arch_lib
 from jumprelu import interop, sae, sharding
 
 HISTOGRAM_BINS = 64
@@ -133,18 +135,20 @@ def progress(total: int | None, desc: str = "", unit: str = "it", **kw) -> Progr
 
 # ----------------------------------------------------------------------------- features
 
-@jax.jit
-def firing_density(params: dict, x_BxD: jax.Array, scale=1.0) -> jax.Array:
-  """Fraction of the rows of x / scale on which each feature fires [F]."""
-  pre_BxF = sae.pre_activations(params, x_BxD / scale)
-  return jnp.mean(pre_BxF > sae.threshold(params), axis=0)
+@functools.partial(jax.jit, static_argnames=("arch", "k"))
+def firing_density(params: dict, x_BxD: jax.Array, scale=1.0, *, arch: str = "jumprelu",
+                   k: int | None = None) -> jax.Array:
+  """Fraction of the rows of x / scale on which each feature of an `arch` SAE fires [F]."""
+  f_BxF = arch_lib.features(params, x_BxD / scale, arch=arch, k=k)
+  return jnp.mean(f_BxF != 0, axis=0)
 
 
-def mean_firing_density(params: dict, batches, scale=1.0) -> np.ndarray:
+def mean_firing_density(params: dict, batches, scale=1.0, *, arch: str = "jumprelu",
+                        k: int | None = None) -> np.ndarray:
   """firing_density averaged over equal-sized batches, as float64 numpy [F] on every process."""
   total_F, n = None, 0
   for x_BxD in batches:
-    d_F = firing_density(params, x_BxD, scale)
+    d_F = firing_density(params, x_BxD, scale, arch=arch, k=k)
     total_F = d_F if total_F is None else total_F + d_F
     n += 1
   if n == 0:
@@ -153,12 +157,14 @@ def mean_firing_density(params: dict, batches, scale=1.0) -> np.ndarray:
   return np.asarray(sharding.to_host(total_F), np.float64) / n
 
 
-def feature_histograms(params: dict, x_BxD: jax.Array, scale=1.0) -> dict:
+def feature_histograms(params: dict, x_BxD: jax.Array, scale=1.0, *, arch: str = "jumprelu",
+                       k: int | None = None) -> dict:
   """Per-feature arrays worth a histogram: log10 firing density on this batch, and θ."""
-  density_F, theta_F = sharding.to_host((firing_density(params, x_BxD, scale),
-                                         sae.threshold(params)))
-  return {"log10_firing_density": interop.log10_density(density_F),
-          "threshold": np.asarray(theta_F, np.float32)}
+  density_F = sharding.to_host(firing_density(params, x_BxD, scale, arch=arch, k=k))
+  out = {"log10_firing_density": interop.log10_density(density_F)}
+  if arch == "jumprelu":
+    out["threshold"] = np.asarray(sharding.to_host(sae.threshold(params)), np.float32)
+  return out
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -326,11 +332,21 @@ class MetricWriter:
       self.tb.scalars(step, {f"train/{k}": v for k, v in record.items() if k != "step"})
     if self.wandb is not None:
       self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
-    self.bar.postfix = f"loss {metrics['loss']:.4g} | L0 {metrics['l0']:.1f} | {_si(rate)} tok/s"
+    eta = time.strftime("%H:%M:%S", time.gmtime(eta))
     self.bar.clear()
-    logging.info("step %d/%d | %.0f tok/s | ETA %s | loss %.5f | L0 %.1f | FVU %.4f | dead %d",
-                 step, self.total_steps, rate, time.strftime("%H:%M:%S", time.gmtime(eta)),
-                 metrics["loss"], metrics["l0"], metrics["fvu"], metrics["dead"])
+    if "loss" in metrics:
+      self.bar.postfix = f"loss {metrics['loss']:.4g} | L0 {metrics['l0']:.1f} | {_si(rate)} tok/s"
+      logging.info("step %d/%d | %.0f tok/s | ETA %s | loss %.5f | L0 %.1f | FVU %.4f | dead %d",
+                   step, self.total_steps, rate, eta, metrics["loss"], metrics["l0"],
+                   metrics["fvu"], metrics["dead"])
+      return
+    # An ensemble (sweep.py): "key/MEMBER" entries, one short line per member.
+    members = [k.split("/", 1)[1] for k in metrics if k.startswith("loss/")]
+    self.bar.postfix = f"{len(members)} SAEs | {_si(rate)} tok/s"
+    logging.info("step %d/%d | %.0f tok/s (per SAE) | ETA %s\n%s", step, self.total_steps, rate,
+                 eta, "\n".join(f"  {m}: loss {metrics['loss/' + m]:.5f} | L0 "
+                                f"{metrics['l0/' + m]:.1f} | FVU {metrics['fvu/' + m]:.4f} | "
+                                f"dead {metrics['dead/' + m]:.0f}" for m in members))
 
   def histograms(self, step: int, arrays: dict) -> None:
     """Logs a histogram of each named array (e.g. feature_histograms) after `step` steps."""

@@ -16,6 +16,10 @@ PARAM_SPECS = {
     "b_dec": P(),  # [D]: replicated, every device adds it
     "log_threshold": P("model"),  # [F]
     "threshold": P("model"),  # [F]
+    "W_gate": P(None, "model"),  # [D, F]: the Gated SAE's encoder
+    "b_gate": P("model"),  # [F]
+    "r_mag": P("model"),  # [F]
+    "b_mag": P("model"),  # [F]
     "tokens_since_fired": P("model"),  # [F] int32, for dead-feature counting
 }
 BATCH_SPEC = P("data", None)  # x [B, D]: rows split across "data"
@@ -46,12 +50,17 @@ def make_mesh(data: int, model: int, devices=None) -> Mesh:
 
 
 def _leaf_spec(path, leaf) -> P:
-  """Spec of a state leaf from the last dict key on its path; anything else is replicated."""
+  """Spec of a state leaf from the last dict key on its path; anything else is replicated.
+
+  A leaf with one more axis than its spec belongs to a vmapped ensemble (sweep.py): its leading
+  member axis [S] is replicated, the rest split as for one SAE."""
   for entry in reversed(path):
     key = getattr(entry, "key", getattr(entry, "name", None))
     if key in PARAM_SPECS:
       spec = PARAM_SPECS[key]
-      return spec if len(spec) == np.ndim(leaf) else P()
+      if len(spec) == np.ndim(leaf):
+        return spec
+      return P(None, *spec) if len(spec) and len(spec) + 1 == np.ndim(leaf) else P()
   return P()
 
 

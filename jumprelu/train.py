@@ -15,8 +15,8 @@ from absl import logging
 from flax import struct
 from jax.experimental import multihost_utils
 
-from jumprelu import (checkpoint, data, export, harvest, interop, logs, sae, sharding, sparse,
-                     validate)
+from jumprelu import (arch, checkpoint, data, export, harvest, interop, logs, sae, sharding,
+                     sweep, validate)
 
 
 @struct.dataclass
@@ -39,11 +39,13 @@ def learning_rate(c, step):
   return lr * (init + (1 - init) * 0.5 * (1 - jnp.cos(jnp.pi * t)))
 
 
-def sparsity_coefficient(c, step):
-  """λ rises linearly from 0 to sae.sparsity_coefficient over optim.sparsity_warmup_steps."""
+def sparsity_coefficient(c, step, target=None):
+  """λ rises linearly from 0 to `target` (default sae.sparsity_coefficient) over
+  optim.sparsity_warmup_steps."""
   w = c.optim.sparsity_warmup_steps
+  target = c.sae.sparsity_coefficient if target is None else target
   frac = 1.0 if w == 0 else jnp.minimum(jnp.asarray(step, jnp.float32) / w, 1.0)
-  return c.sae.sparsity_coefficient * frac
+  return target * frac
 
 
 def optimizer(c) -> optax.GradientTransformation:
@@ -60,13 +62,28 @@ def optimizer(c) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------- state
 
-def init_state(c, key, norm_scale) -> TrainState:
-  params = sae.init(key, c.data.d_in, c.sae.width, threshold_init=c.sae.threshold_init,
-                    threshold_param=c.sae.threshold_param)
-  return TrainState(
+def init_state(c, key, norm_scale, n_members: int = 0) -> TrainState:
+  """The initial state; with n_members > 0, that many identical copies stacked (an ensemble)."""
+  params = arch.init(c, key)
+  state = TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer(c).init(params),
       tokens_since_fired=jnp.zeros((c.sae.width,), jnp.int32),
       norm_scale=jnp.asarray(norm_scale, jnp.float32))
+  if not n_members:
+    return state
+  return state.replace(params=sweep.stack(state.params, n_members),
+                       opt_state=sweep.stack(state.opt_state, n_members),
+                       tokens_since_fired=sweep.stack(state.tokens_since_fired, n_members))
+
+
+# Which TrainState fields carry the member axis of an ensemble (vmap's in_axes / out_axes).
+STATE_AXES = TrainState(step=None, params=0, opt_state=0, tokens_since_fired=0, norm_scale=None)
+
+
+def member_state(state: TrainState, i: int) -> TrainState:
+  """Member i of an ensemble's state, as the state of a run of that member alone."""
+  return state.replace(params=sweep.take(state.params, i), opt_state=sweep.take(state.opt_state, i),
+                       tokens_since_fired=sweep.take(state.tokens_since_fired, i))
 
 
 # ----------------------------------------------------------------------------- train step
@@ -74,21 +91,24 @@ def init_state(c, key, norm_scale) -> TrainState:
 _TOKENS_CAP = 2**30  # keeps the int32 dead-feature counters from overflowing
 
 
-def train_step(c, state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
-  """One Adam step on the Eq. 10 loss; pure. Returns the new state and scalar metrics."""
+def config_hparams(c) -> dict:
+  """The per-SAE hyperparameters train_step takes (an ensemble passes one set per member)."""
+  return {"sparsity_coefficient": c.sae.sparsity_coefficient, "bandwidth": c.sae.bandwidth,
+          "k": c.sae.k}
+
+
+def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
+               ) -> tuple[TrainState, dict]:
+  """One Adam step on the configured SAE's loss; pure. Returns the new state and scalar metrics.
+
+  `hp` (default config_hparams(c)) holds λ, ε and k; they may be traced, so a vmapped ensemble
+  of SAEs that differ only in them is one program (see sweep.py)."""
+  hp = config_hparams(c) if hp is None else hp
   x_BxD = x_BxD / state.norm_scale
-  lam = sparsity_coefficient(c, state.step)
-  theta_F = sae.threshold(state.params)
-  if c.train.step_impl == "sparse":  # same loss and gradients, see sparse.py
-    (loss, aux), grads = sparse.value_and_grad(
-        state.params, x_BxD, sparsity_coefficient=lam, bandwidth=c.sae.bandwidth,
-        kernel=c.sae.kernel, capacity=c.train.sparse_capacity, matmul_dtype=c.train.matmul_dtype)
-  else:
-    loss_fn = lambda p: sae.loss(p, x_BxD, sparsity_coefficient=lam, bandwidth=c.sae.bandwidth,
-                                 kernel=c.sae.kernel, matmul_dtype=c.train.matmul_dtype)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    aux["fired_F"] = jnp.any(aux["pre_BxF"] > theta_F, axis=0)
-    aux["in_window"] = jnp.mean(jnp.abs(aux["pre_BxF"] - theta_F) < 0.5 * c.sae.bandwidth)
+  lam = sparsity_coefficient(c, state.step, hp["sparsity_coefficient"])
+  dead_F = state.tokens_since_fired >= c.train.dead_window_tokens
+  (loss, aux), grads = arch.value_and_grad(c, state.params, x_BxD,
+                                           {**hp, "sparsity_coefficient": lam}, dead_F)
   grads["W_dec"] = sae.remove_parallel_grad(state.params["W_dec"], grads["W_dec"])
   updates, opt_state = optimizer(c).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -105,18 +125,28 @@ def train_step(c, state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict
       "mse": jnp.mean(aux["recon_B"]) / x_BxD.shape[1],
       "fvu": jnp.sum(aux["recon_B"]) / jnp.sum(centred**2),
       "l0": jnp.mean(aux["l0_B"]),
-      # Fraction of pre-activations within ε/2 of θ: the rectangle STE's window.
-      "in_window": aux["in_window"],
-      "threshold_mean": jnp.mean(theta_F),
       "dead": jnp.sum(tokens_since_fired >= c.train.dead_window_tokens),
       "sparsity_coefficient": lam,
       "learning_rate": learning_rate(c, state.step),
   }
-  if c.train.step_impl == "sparse":  # 1 when the batch overflowed train.sparse_capacity
-    metrics["dense_fallback"] = aux["dense_fallback"]
+  if c.sae.arch == "jumprelu":
+    # Fraction of pre-activations within ε/2 of θ: the rectangle STE's window.
+    metrics["in_window"] = aux["in_window"]
+    metrics["threshold_mean"] = jnp.mean(sae.threshold(state.params))
+  if c.sae.arch == "topk":
+    metrics["auxk"] = aux["auxk"]
+  if c.sae.arch == "jumprelu" and c.train.step_impl == "sparse":
+    metrics["dense_fallback"] = aux["dense_fallback"]  # 1: batch overflowed train.sparse_capacity
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             tokens_since_fired=tokens_since_fired)
   return new_state, metrics
+
+
+def ensemble_step(c, state: TrainState, x_BxD: jax.Array, hp_S: dict):
+  """train_step of every member at once, vmapped over the member axis; the batch is shared.
+  Metrics come back with a leading [S] axis."""
+  return jax.vmap(lambda s, hp: train_step(c, s, x_BxD, hp), in_axes=(STATE_AXES, 0),
+                  out_axes=(STATE_AXES, 0))(state, hp_S)
 
 
 def jit_train_step(c, mesh, state_shardings, step_fn=train_step):
@@ -127,12 +157,11 @@ def jit_train_step(c, mesh, state_shardings, step_fn=train_step):
                  donate_argnums=0)
 
 
-def sharded_init(c, mesh, key, norm_scale):
+def sharded_init(c, mesh, key, norm_scale, n_members: int = 0):
   """Initialises the state directly into its shardings (no full copy on one device)."""
-  abstract = jax.eval_shape(lambda: init_state(c, key, norm_scale))
-  shardings = sharding.tree_shardings(mesh, abstract)
-  state = jax.jit(lambda: init_state(c, key, norm_scale), out_shardings=shardings)()
-  return state, shardings
+  init = lambda: init_state(c, key, norm_scale, n_members)
+  shardings = sharding.tree_shardings(mesh, jax.eval_shape(init))
+  return jax.jit(init, out_shardings=shardings)(), shardings
 
 
 # ----------------------------------------------------------------------------- data
@@ -180,7 +209,8 @@ _RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.checkpoint_every
                    "train.step_impl", "train.sparse_capacity")  # same gradients either way
 # Everything a run writes into its workdir (logs.py's files too): what train.overwrite deletes.
 _RUN_OUTPUTS = ("checkpoints", "checkpoints_rejected", "export", "metrics.jsonl",
-                "histograms.jsonl", "tensorboard", "wandb_id", "summary.json", "config.json")
+                "histograms.jsonl", "tensorboard", "wandb_id", "summary.json", "config.json",
+                "members", "eval.json")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice; rerun the command to resume
 
 
@@ -277,8 +307,12 @@ def train_and_evaluate(c, workdir: str) -> dict:
   logging.info("mesh %s over %d devices; data: %d rows of width %d", dict(mesh.shape),
                mesh.size, source.n, source.d)
 
+  members = sweep.grid(c)  # [] for one SAE
+  if members:
+    logging.info("sweep: %d %s SAEs trained as one vmapped ensemble: %s", len(members),
+                 c.sae.arch, ", ".join(name for name, _ in members))
   key = jax.random.key(c.seed)
-  abstract = jax.eval_shape(lambda: init_state(c, key, 1.0))
+  abstract = jax.eval_shape(lambda: init_state(c, key, 1.0, len(members)))
   shardings = sharding.tree_shardings(mesh, abstract)
   mngr = checkpoint.manager(workdir, c.train.keep_checkpoints)
   state = checkpoint.restore_latest(mngr, checkpoint.abstract_like(abstract, shardings))
@@ -286,7 +320,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
     norm_scale = math.sqrt(source.mean_sq_norm(c.data.norm_rows, c.data.skip_nonfinite)
                            ) if c.data.normalize else 1.0
     logging.info("input normalisation: x / %.6g (so E‖x‖² = 1)", norm_scale)
-    state, _ = sharded_init(c, mesh, key, norm_scale)
+    state, _ = sharded_init(c, mesh, key, norm_scale, len(members))
   else:
     logging.info("resumed from checkpoint at step %d", int(state.step))
   start = int(state.step)
@@ -301,7 +335,11 @@ def train_and_evaluate(c, workdir: str) -> dict:
                              tensorboard=c.log.tensorboard, wandb_project=c.log.wandb_project,
                              config=c.to_dict(), progress=c.log.progress)
 
-  step_fn = jit_train_step(c, mesh, shardings)
+  if members:
+    hp_S = sweep.stacked_hparams(members)
+    step_fn = jit_train_step(c, mesh, shardings, lambda c, s, x: ensemble_step(c, s, x, hp_S))
+  else:
+    step_fn = jit_train_step(c, mesh, shardings)
   lo, hi = sharding.process_rows(mesh, c.train.batch_size)
   batch_size, num_steps, log_every = c.train.batch_size, c.train.num_steps, c.train.log_every
 
@@ -322,11 +360,13 @@ def train_and_evaluate(c, workdir: str) -> dict:
 
   def finish(step, metrics, replaced):  # reads step's metrics while the next step already runs
     nonlocal last, n_replaced
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(m["loss"]):
+    m = _host_metrics(jax.device_get(metrics), members)
+    bad = [k for k, v in m.items() if k.split("/")[0] == "loss" and not math.isfinite(v)]
+    if bad:
       raise FloatingPointError(
-          f"non-finite loss ({m['loss']}) at step {step}; training stopped (the last checkpoint "
-          f"is intact). Lower optim.learning_rate or check the activations")
+          f"non-finite loss ({', '.join(f'{k} = {m[k]}' for k in bad)}) at step {step}; training "
+          "stopped (the last checkpoint is intact). Lower optim.learning_rate or check the "
+          "activations")
     last = {"step": step + 1, **m}
     writer.advance(step + 1)
     n_replaced += replaced
@@ -344,7 +384,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
       x = sharding.global_batch(mesh, rows, batch_size)
       state, metrics = step_fn(state, x)
       if c.log.histogram_every and (step + 1) % c.log.histogram_every == 0:
-        writer.histograms(step + 1, logs.feature_histograms(state.params, x, state.norm_scale))
+        writer.histograms(step + 1, _histograms(c, members, state, x))
       if pending is not None:
         finish(*pending)
       pending = (step, metrics, replaced)
@@ -367,26 +407,90 @@ def train_and_evaluate(c, workdir: str) -> dict:
   if not last:  # resumed from the final checkpoint (killed after it): reuse its logged metrics
     last = _logged_metrics(workdir, num_steps)
 
-  summary = {"steps": num_steps, "tokens": num_steps * batch_size,
-             "seconds": time.time() - t0, "final": last}
+  base = {"steps": num_steps, "tokens": num_steps * batch_size, "seconds": time.time() - t0}
+  # Firing densities on batches past the last step, shared by every member; every process reads.
+  density_batches = [sharding.global_batch(mesh, read(num_steps + k)[0], batch_size)
+                     for k in range(c.export.density_batches)] if c.export.saelens else []
+  manifest = data.read_manifest(store_path(c, workdir)) if c.data.source in ("npy", "harvest"
+                                                                             ) else None
+  if not members:
+    return _export_run(c, workdir, state, {**base, "final": last}, truth, density_batches,
+                       manifest)
+  store = store_path(c, workdir) if c.data.source in ("npy", "harvest") else None
+  summary = {**base, "members": {}}
+  for i, (name, hp) in enumerate(members):
+    mc, mdir = sweep.member_config(c, hp, store), sweep.member_dir(workdir, name)
+    mstate = member_state(state, i)
+    _save_member(mc, workdir, mdir, name, mstate)
+    summary["members"][name] = _export_run(
+        mc, mdir, mstate, {**base, "final": sweep.split_metrics(last, name)}, truth,
+        density_batches, manifest)
+  if is_main:
+    export.save_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _host_metrics(metrics: dict, members) -> dict:
+  """Floats from the step's metrics; an ensemble's [S] arrays become "key/MEMBER" entries."""
+  if not members:
+    return {k: float(v) for k, v in metrics.items()}
+  return {f"{k}/{name}": float(v[i]) for k, v in metrics.items()
+          for i, (name, _) in enumerate(members)}
+
+
+def _histograms(c, members, state: TrainState, x_BxD) -> dict:
+  if not members:
+    return logs.feature_histograms(state.params, x_BxD, state.norm_scale, arch=c.sae.arch,
+                                   k=c.sae.k)
+  out = {}
+  for i, (name, hp) in enumerate(members):
+    arrays = logs.feature_histograms(sweep.take(state.params, i), x_BxD, state.norm_scale,
+                                     arch=c.sae.arch, k=hp["k"])
+    out.update({f"{k}/{name}": v for k, v in arrays.items()})
+  return out
+
+
+def _save_member(mc, workdir: str, mdir: str, name: str, mstate: TrainState) -> None:
+  """Makes WORKDIR/members/NAME a finished run of its own: its config, its final checkpoint
+  (restorable by train.py with that config) and its lines of the ensemble's metrics."""
+  if jax.process_index() == 0:
+    export.save_json(os.path.join(mdir, "config.json"), json.loads(mc.to_json_best_effort()))
+    lines = []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as fh:
+        lines = [json.dumps(sweep.split_metrics(json.loads(line), name)) for line in fh
+                 if line.strip()]
+    tmp = os.path.join(mdir, "metrics.jsonl.tmp")
+    with open(tmp, "w") as fh:
+      fh.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, os.path.join(mdir, "metrics.jsonl"))
+  mngr = checkpoint.manager(mdir, mc.train.keep_checkpoints)
+  if mngr.latest_step() != int(mstate.step):  # not already saved by an earlier, resumed call
+    checkpoint.save(mngr, int(mstate.step), mstate)
+  mngr.wait_until_finished()
+
+
+def _export_run(c, workdir: str, state: TrainState, summary: dict, truth, density_batches,
+                manifest) -> dict:
+  """Writes WORKDIR/export/params.npz (raw units), the SAELens folder and summary.json."""
+  norm_scale = float(sharding.to_host(state.norm_scale))
+  summary["norm_scale"] = norm_scale
   if truth is not None:
     summary["true_l0"] = truth["true_l0"]
     summary["dictionary_recovery"] = data.dictionary_recovery(
         np.asarray(sharding.to_host(state.params["W_dec"])), truth["dictionary"])
-    logging.info("synthetic ground truth: L0 %.2f (true %.2f), dictionary recovery %.3f "
-                 "(mean best cosine)", last.get("l0", float("nan")), truth["true_l0"],
-                 summary["dictionary_recovery"])
-  norm_scale = float(sharding.to_host(state.norm_scale))
-  params = export.raw_params(sharding.to_host(state.params), norm_scale)
-  if c.export.saelens:  # firing densities on batches past the last step; every process reads
-    density_F = logs.mean_firing_density(state.params, (
-        sharding.global_batch(mesh, read(num_steps + k)[0], batch_size)
-        for k in range(c.export.density_batches)), state.norm_scale)
-  if is_main:
+    logging.info("%s: synthetic ground truth: L0 %.2f (true %.2f), dictionary recovery %.3f "
+                 "(mean best cosine)", workdir, summary["final"].get("l0", float("nan")),
+                 truth["true_l0"], summary["dictionary_recovery"])
+  params = arch.raw_params(c.sae.arch, sharding.to_host(state.params), norm_scale, c.sae.k)
+  if c.export.saelens:
+    density_F = logs.mean_firing_density(state.params, density_batches, state.norm_scale,
+                                         arch=c.sae.arch, k=c.sae.k)
+  if jax.process_index() == 0:
     export.save_npz(os.path.join(workdir, "export", "params.npz"), params)
     if c.export.saelens:  # a harvested store's manifest supplies model, hook and context
       interop.save_saelens_for_run(c, os.path.join(workdir, "export", "saelens"), params,
-                                   density_F, norm_scale,
-                                   data.read_manifest(store_path(c, workdir)))
+                                   density_F, norm_scale, manifest)
     export.save_json(os.path.join(workdir, "summary.json"), summary)
   return summary

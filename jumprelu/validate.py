@@ -9,7 +9,7 @@ import re
 import tokenize
 
 from configs import base
-from jumprelu import ops, sae
+from jumprelu import arch, ops, sae
 
 DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
 STEP_IMPLS = ("dense", "sparse")
@@ -37,9 +37,35 @@ def check_config(c) -> None:
        "a .npy file or a directory of .npy shards when data.source='npy'")
   need(c.data.d_in > 0, "data.d_in", "the activation width D (> 0)")
   need(c.data.norm_rows > 0, "data.norm_rows", "> 0")
+  need(c.sae.arch in arch.ARCHS, "sae.arch", f"one of {arch.ARCHS}")
   need(c.sae.width > 0, "sae.width", "> 0")
   need(c.sae.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0")
   need(c.sae.bandwidth > 0, "sae.bandwidth", "> 0")
+  if c.sae.arch == "topk":
+    need(isinstance(c.sae.k, int) and 1 <= c.sae.k <= c.sae.width, "sae.k",
+         f"an int in [1, sae.width={c.sae.width}]")
+    need(isinstance(c.sae.k_aux, int) and 1 <= c.sae.k_aux <= c.sae.width, "sae.k_aux",
+         f"an int in [1, sae.width={c.sae.width}]")
+    need(c.sae.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0")
+  for key, ok, expected in (
+      ("sparsity_coefficient", lambda v: v >= 0, "values >= 0"),
+      ("bandwidth", lambda v: v > 0, "values > 0"),
+      ("k", lambda v: isinstance(v, int) and 1 <= v <= c.sae.width,
+       f"ints in [1, sae.width={c.sae.width}]")):
+    values = c.sweep[key]
+    need(isinstance(values, tuple | list) and all(
+        isinstance(v, int | float) and math.isfinite(v) and ok(v) for v in values)
+         and len(set(values)) == len(values), f"sweep.{key}",
+         f"a tuple of distinct {expected} (empty: no sweep over it)")
+  swept = [k for k in ("sparsity_coefficient", "bandwidth", "k") if c.sweep[k]]
+  unused = {"jumprelu": ("k",), "relu": ("bandwidth", "k"), "gated": ("bandwidth", "k"),
+            "topk": ("sparsity_coefficient", "bandwidth")}.get(c.sae.arch, ())
+  for key in swept:
+    need(key not in unused, f"sweep.{key}", f"empty: sae.arch={c.sae.arch!r} does not use it")
+  need(not swept or c.train.step_impl == "dense" or c.sae.arch != "jumprelu", "train.step_impl",
+       "'dense' in a sweep (the sparse step's capacity fallback does not vmap efficiently)")
+  need(c.train.step_impl == "dense" or c.sae.arch == "jumprelu", "train.step_impl",
+       "'dense' unless sae.arch='jumprelu' (the sparse step is JumpReLU's)")
   need(c.sae.kernel in ops.KERNELS, "sae.kernel", f"one of {ops.KERNELS}")
   need(c.sae.threshold_init > 0, "sae.threshold_init", "> 0")
   need(c.sae.threshold_param in sae.THRESHOLD_PARAMS, "sae.threshold_param",

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from jumprelu import evaluate, harvest
+from jumprelu.lm import model
 from tests.conftest import tiny
 from tests.tiny_lm import tiny_lm
 
@@ -61,3 +62,55 @@ def test_eval_contexts_must_be_held_out(setup):
   c, lm, _ = setup
   with pytest.raises(ValueError, match="eval.skip_contexts=40 overlaps the 50 contexts"):
     evaluate.held_out_contexts(c, lm[1], lm[2], harvested_contexts=50)
+
+
+def _perfect(arch, d=16):
+  """_perfect_sae in each architecture's raw-unit layout (arch.raw_params)."""
+  p = _perfect_sae(d)
+  if arch == "jumprelu":
+    return p
+  base = {k: p[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+  if arch == "relu":
+    return {**base, "architecture": np.asarray("relu")}
+  if arch == "topk":  # exactly one of each ±x_i pair is positive: the top d are all of them
+    return {**base, "architecture": np.asarray("topk"), "k": np.asarray(d, np.int32)}
+  zeros = np.zeros(2 * d, np.float32)  # gate = magnitude = ReLU(x·[I, −I])
+  return {"W_gate": p["W_enc"], "b_gate": zeros, "r_mag": zeros, "b_mag": zeros,
+          "W_dec": p["W_dec"], "b_dec": p["b_dec"], "architecture": np.asarray("gated")}
+
+
+def test_every_architecture_evaluates_and_shared_clean_runs_change_nothing(setup):
+  c, lm, contexts = setup
+  archs = ("jumprelu", "relu", "gated", "topk")
+  lossy = _perfect("topk")
+  lossy["k"] = np.asarray(4, np.int32)  # keeps 4 of the 16 active latents: a real loss
+  together = evaluate.evaluate_many(c, lm, [_perfect(a) for a in archs] + [lossy], contexts)
+  for a, r in zip(archs, together):
+    assert r["arch"] == a
+    assert abs(r["delta_lm_loss"]) < 1e-4 and r["fvu"] < 1e-8, a
+    assert 8 <= r["l0"] <= 16
+  alone = evaluate.evaluate_lm(c, lm, lossy, contexts)
+  assert together[-1]["l0"] == alone["l0"] == 4.0 and together[-1]["k"] == 4
+  assert together[-1]["delta_lm_loss"] > 0.01
+  for key in ("ce_sae", "kl_clean_sae", "fvu", "delta_lm_loss"):
+    assert together[-1][key] == pytest.approx(alone[key], rel=1e-6), key
+
+
+def test_jumprelu_threshold_distribution_and_ste_window(setup):
+  c, lm, contexts = setup
+  p = _perfect_sae(16)
+  p["threshold"] = np.linspace(0.05, 0.5, 32, dtype=np.float32)
+  half_window = 0.04
+  r = evaluate.evaluate_lm(c, lm, p, contexts, half_window=half_window)
+  assert r["threshold_quantiles"]["50"] == pytest.approx(np.median(p["threshold"]), rel=1e-6)
+  assert r["threshold_quantiles"]["0"] == pytest.approx(0.05) and r["threshold_mean"] == (
+      pytest.approx(0.275))
+  # The same fraction from the site's activations, computed here with numpy.
+  forward = harvest.site_fn(lm[1], model.parse_site(c.lm.site))
+  x = np.concatenate(harvest.context_rows(c, forward, lm[0], lm[1], list(contexts)))
+  pre = np.maximum(x @ p["W_enc"] + p["b_enc"], 0)
+  expected = np.mean(np.abs(pre - p["threshold"]) < half_window)
+  assert len(x) == r["tokens"]
+  assert r["frac_preacts_in_window"] == pytest.approx(expected, rel=1e-5)
+  assert 0.001 < expected < 0.5  # the window holds some pre-activations, not all
+  assert evaluate.evaluate_lm(c, lm, p, contexts)["frac_preacts_in_window"] is None

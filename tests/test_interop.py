@@ -105,7 +105,7 @@ def test_gemma_scope_params_npz_loads_in_both_spellings(tmp_path):
 
 def test_refusals_say_what_to_do(tmp_path):
   raw = export.raw_params(_trained_like_params(), 1.0)
-  with pytest.raises(KeyError, match="export.raw_params"):
+  with pytest.raises(KeyError, match=r"arch.raw_params"):
     interop.save_saelens(str(tmp_path / "x"), {"W_enc": raw["W_enc"]}, **META)
   interop.save_saelens(str(tmp_path / "s"), raw, **META)
   cfg = json.load(open(tmp_path / "s" / "cfg.json"))
