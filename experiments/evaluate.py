@@ -2,8 +2,10 @@
 
   python experiments/evaluate.py --workdir=DIR                 # a finished run (DIR/config.json)
   python experiments/evaluate.py --workdir=DIR --params=SAE --config=configs/smollm2_135m.py
-SAE is a Gemma Scope params.npz or a SAELens folder (ours or released ones); it must act on the
-config's lm.site. Writes DIR/eval.json (with per-feature firing frequencies) and prints a table.
+SAE is a Gemma Scope params.npz, one of our exports or a SAELens folder (jumprelu, standard,
+gated or topk; ours or released ones); it must act on the config's lm.site. Writes DIR/eval.json
+(with per-feature firing frequencies) and prints a table. For a sweep's DIR, every member is
+evaluated (sharing the clean LM runs) into DIR/members/NAME/eval.json.
 """
 import os
 import sys
@@ -36,8 +38,10 @@ def main(argv):
       raise app.UsageError(f"{path} does not exist: give --config=configs/X.py")
     with open(path) as fh:
       c = ml_collections.ConfigDict(json.load(fh))
-  params = _PARAMS.value or os.path.join(_WORKDIR.value, "export", "params.npz")
-  pipeline.evaluate_sae(c, _WORKDIR.value, params)
+  if _PARAMS.value is None:
+    pipeline.evaluate_workdir(c, _WORKDIR.value)
+  else:
+    pipeline.evaluate_sae(c, _WORKDIR.value, _PARAMS.value)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ def load_saelens(directory: str) -> tuple[dict, dict]:
   if ours is None:
     raise ValueError(f"{directory}/cfg.json has architecture {theirs!r}; jumprelu loads "
                      f"{sorted(SAELENS_ARCH.values())}")
+  if ours == "topk" and not isinstance(cfg.get("k"), int):
+    raise ValueError(f"{directory}/cfg.json of a topk SAE must give k, an int; got "
+                     f"{cfg.get('k')!r}")
   if ours == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
     raise ValueError(f"{directory}/cfg.json has rescale_acts_by_decoder_norm=True, which "
                      "jumprelu's TopK SAE does not apply")

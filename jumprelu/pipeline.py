@@ -24,13 +24,8 @@ def run(c, workdir: str) -> dict:
     harvest.harvest(c, train.store_path(c, workdir), harvest.load_lm(c))
   summary = train.train_and_evaluate(c, workdir)
   if c.data.source in ("harvest", "live") and c.eval.num_contexts > 0:
-    if sweep.is_sweep(c):
-      runs = [(sweep.member_config(c, hp, _store(c, workdir)), sweep.member_dir(workdir, name))
-              for name, hp in sweep.grid(c)]
-    else:
-      runs = [(c, workdir)]
-    results = evaluate_runs(runs)
-    scalars = [{k: v for k, v in r.items() if k != "firing_frequency"} for r in results]
+    scalars = [{k: v for k, v in r.items() if k != "firing_frequency"}
+               for r in evaluate_workdir(c, workdir)]
     if sweep.is_sweep(c):
       for (name, _), r in zip(sweep.grid(c), scalars):
         summary["members"][name]["eval"] = r
@@ -39,8 +34,13 @@ def run(c, workdir: str) -> dict:
   return summary
 
 
-def _store(c, workdir):
-  return train.store_path(c, workdir) if c.data.source in ("npy", "harvest") else None
+def evaluate_workdir(c, workdir: str) -> list[dict]:
+  """Evaluates the finished run in `workdir` (every member of a sweep, together)."""
+  if not sweep.is_sweep(c):
+    return evaluate_runs([(c, workdir)])
+  store = train.store_path(c, workdir) if c.data.source in ("npy", "harvest") else None
+  return evaluate_runs([(sweep.member_config(c, hp, store), sweep.member_dir(workdir, name))
+                        for name, hp in sweep.grid(c)])
 
 
 def evaluate_sae(c, workdir: str, params_path: str) -> dict:

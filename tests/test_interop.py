@@ -109,7 +109,8 @@ def test_refusals_say_what_to_do(tmp_path):
     interop.save_saelens(str(tmp_path / "x"), {"W_enc": raw["W_enc"]}, **META)
   interop.save_saelens(str(tmp_path / "s"), raw, **META)
   cfg = json.load(open(tmp_path / "s" / "cfg.json"))
-  for change, message in (({"architecture": "topk"}, "architecture 'topk'"),
+  for change, message in (({"architecture": "batchtopk"}, "architecture 'batchtopk'"),
+                          ({"architecture": "topk"}, "a topk SAE must give k, an int; got None"),
                           ({"normalize_activations": "layer_norm"}, "fold the scale in")):
     with open(tmp_path / "s" / "cfg.json", "w") as fh:
       json.dump({**cfg, **change}, fh)

@@ -3,11 +3,14 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from jumprelu import checkpoint, data, interop, sharding, sweep, train, validate
+from jumprelu import (checkpoint, data, harvest, interop, pipeline, sharding, sweep, train,
+                      validate)
 from tests.conftest import tiny
+from tests.tiny_lm import tiny_lm
 
 # Members differ from the same SAE trained alone only by float reduction order (vmapped vs
 # plain matmuls): measured max |diff| ≤ 2.4e-7 after 30 steps, for every architecture.
@@ -146,3 +149,29 @@ def test_bad_sweeps_are_refused_before_compute(overrides, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                      .replace("[", r"\[").replace("]", r"\]")):
     validate.check_config(tiny(**overrides))
+
+
+def test_sweep_job_evaluates_every_member_on_the_lm(tmp_path, monkeypatch):
+  """pipeline.run (train.py) on a harvested store evaluates each member into its eval.json;
+  experiments/evaluate.py's path, from the sweep's config.json, gives the same numbers."""
+  lm = tiny_lm()
+  monkeypatch.setattr(harvest, "load_lm", lambda c: lm)
+  c = tiny(**{"data.source": "harvest", "data.d_in": 16, "lm.site": "resid_post.1",
+              "lm.model_path": "/nowhere/tiny-random", "lm.context_len": 16,
+              "lm.batch_contexts": 8, "harvest.num_tokens": 1500,
+              "harvest.shard_tokens": 512, "data.norm_rows": 256, "eval.num_contexts": 6,
+              "eval.skip_contexts": 400, "sae.arch": "topk", "sweep.k": (2, 6),
+              "sae.k_aux": 16, "log.tensorboard": False})
+  summary = pipeline.run(c, str(tmp_path))
+  records = {}
+  for name, k in (("k=2", 2), ("k=6", 6)):
+    r = json.load(open(tmp_path / "members" / name / "eval.json"))
+    assert (r["arch"], r["k"], r["member"], r["sparsity_coefficient"]) == ("topk", k, name, None)
+    assert 0 < r["l0"] <= k and len(r["firing_frequency"]) == 64
+    assert summary["members"][name]["eval"]["delta_lm_loss"] == r["delta_lm_loss"]
+    records[name] = r
+  assert records["k=6"]["l0"] > records["k=2"]["l0"]
+  read_back = ml_collections.ConfigDict(json.load(open(tmp_path / "config.json")))
+  again = pipeline.evaluate_workdir(read_back, str(tmp_path))
+  for r in again:
+    assert r["delta_lm_loss"] == pytest.approx(records[r["member"]]["delta_lm_loss"], abs=1e-6)
