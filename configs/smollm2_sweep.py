@@ -29,7 +29,8 @@ def get_config(arg: str = "jumprelu"):
   # θ trained directly: under Adam log θ moves by ~learning_rate per step, so in 1,000 steps θ
   # hardly leaves its init and λ barely changes L0 (at 400 steps, λ from 1e-4 to 1e-2 gave L0
   # 35 to 25 with log θ, 250 to 20 with θ itself). Gemma Scope's runs are 100× longer.
-  c.sae.threshold_param = "raw"
+  if c.sae.arch == "jumprelu":
+    c.sae.threshold_param = "raw"
   c.sae.k_aux = 256  # Gao et al.'s 512 is half this dictionary
   c.train.num_steps = 1000
   c.train.checkpoint_every = 500

@@ -4,10 +4,11 @@
 # TopK; four sparsities each, configs/smollm2_sweep.py) trained as one ensemble and evaluated
 # with each SAE spliced into the LM; JumpReLU's ε sweep at layer 14; then the tables and plots.
 # Every step resumes from what is on disk: rerun the script after an interruption.
-#   bash scripts/reproduce.sh [OUT=runs/repro] [FIGURES=docs/figures]
+#   bash scripts/reproduce.sh [OUT=runs/repro] [DOCS=docs]
+# writes DOCS/reproduction_results.md (the tables) and DOCS/figures/ (the plots).
 set -euo pipefail
 OUT=${1:-runs/repro}
-FIGURES=${2:-docs/figures}
+DOCS=${2:-docs}
 cd "$(dirname "$0")/.."
 
 train() {  # train LAYER SWEEP
@@ -23,5 +24,5 @@ for layer in 14 22; do
 done
 train 14 eps
 
-python scripts/report.py --runs "$OUT"/l14/* "$OUT"/l22/* --out "$OUT/report.md"
-python scripts/plots.py --runs "$OUT"/l14/* "$OUT"/l22/* --out "$FIGURES"
+python scripts/report.py --runs "$OUT"/l14/* "$OUT"/l22/* --out "$DOCS/reproduction_results.md"
+python scripts/plots.py --runs "$OUT"/l14/* "$OUT"/l22/* --out "$DOCS/figures"
