@@ -41,12 +41,12 @@ def check_config(c) -> None:
   need(c.sae.width > 0, "sae.width", "> 0")
   need(c.sae.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0")
   need(c.sae.bandwidth > 0, "sae.bandwidth", "> 0")
-  if c.sae.arch == "topk":
-    need(isinstance(c.sae.k, int) and 1 <= c.sae.k <= c.sae.width, "sae.k",
-         f"an int in [1, sae.width={c.sae.width}]")
-    need(isinstance(c.sae.k_aux, int) and 1 <= c.sae.k_aux <= c.sae.width, "sae.k_aux",
-         f"an int in [1, sae.width={c.sae.width}]")
-    need(c.sae.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0")
+  # TopK's keys are range-checked always; against the width only when TopK trains.
+  top = c.sae.width if c.sae.arch == "topk" else math.inf
+  for key in ("k", "k_aux"):
+    need(isinstance(c.sae[key], int) and 1 <= c.sae[key] <= top, f"sae.{key}",
+         f"an int in [1, sae.width={c.sae.width}]" if c.sae.arch == "topk" else "an int >= 1")
+  need(c.sae.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0")
   for key, ok, expected in (
       ("sparsity_coefficient", lambda v: v >= 0, "values >= 0"),
       ("bandwidth", lambda v: v > 0, "values > 0"),
