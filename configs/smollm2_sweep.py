@@ -13,7 +13,7 @@ from configs import smollm2_135m
 SWEEPS = {
     "jumprelu": {"sparsity_coefficient": (3e-4, 1e-3, 3e-3, 1e-2)},  # L0 penalty
     "relu": {"sparsity_coefficient": (0.04, 0.07, 0.12, 0.2)},  # L1 penalty
-    "gated": {"sparsity_coefficient": (0.15, 0.3, 0.6, 1.2)},  # L1 penalty on the gate
+    "gated": {"sparsity_coefficient": (0.05, 0.1, 0.2, 0.3)},  # L1 penalty on the gate
     "topk": {"k": (8, 16, 32, 64)},
     "eps": {"bandwidth": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},  # JumpReLU at λ = 1e-3
 }

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from jumprelu import sharding, train
+from jumprelu import sharding, sweep, train
 from jumprelu.lm import load, model
 
 GiB = 2.0**30
@@ -29,11 +29,17 @@ def report(c, devices=None) -> dict:
   devices = jax.devices() if devices is None else devices
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model, devices)
   sharding.check_divisible(mesh, c.sae.width, c.train.batch_size)
-  abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0))
+  members = sweep.grid(c)  # a sweep holds every member's state at once
+  abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0, len(members)))
   shardings = sharding.tree_shardings(mesh, abstract)
   batch = jax.ShapeDtypeStruct((c.train.batch_size, c.data.d_in), np.float32,
                                sharding=sharding.batch_sharding(mesh))
-  step = train.jit_train_step(c, mesh, shardings)
+  if members:
+    hp_S = sweep.stacked_hparams(members)
+    step = train.jit_train_step(c, mesh, shardings,
+                                lambda c, s, x: train.ensemble_step(c, s, x, hp_S))
+  else:
+    step = train.jit_train_step(c, mesh, shardings)
   compiled = step.lower(abstract, batch).compile()
   analysis = compiled.memory_analysis()
   out = {
@@ -72,8 +78,9 @@ def dry_run(c) -> str:
   else:
     lines.append("LM: no checkpoint directory with a config.json at lm.model_path "
                  f"({c.lm.model_path!r}); SAE only")
-  lines.append(f"SAE train step, B={c.train.batch_size} D={c.data.d_in} F={c.sae.width}, "
-               "per device:")
+  n = len(sweep.grid(c))
+  lines.append(f"SAE train step ({c.sae.arch}{f', a sweep of {n} SAEs' if n else ''}), "
+               f"B={c.train.batch_size} D={c.data.d_in} F={c.sae.width}, per device:")
   lines.append(table(report(c)))
   return "\n".join(lines)
 

@@ -21,6 +21,15 @@ def test_report_counts_each_devices_share():
   assert r["temporaries"] > 0 and r["total"] >= r["params"]
 
 
+def test_a_sweep_holds_every_members_state():
+  one = memory.report(tiny(**{"mesh.data": 2, "mesh.model": 4}))
+  three = memory.report(tiny(**{"mesh.data": 2, "mesh.model": 4,
+                                "sweep.sparsity_coefficient": (1e-3, 2e-3, 3e-3)}))
+  assert three["params"] == 3 * one["params"]
+  assert three["optimizer"] == 3 * one["optimizer"]  # step counters included: one per member
+  assert three["batch"] == one["batch"]  # the batch is shared
+
+
 def test_script_prints_a_pod_layout():
   run = subprocess.run(
       [sys.executable, "scripts/memory.py", "--config=configs/gemma9b_l20.py", "--devices=8",
