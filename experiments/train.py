@@ -1,7 +1,8 @@
-"""Trains a JumpReLU SAE: python experiments/train.py --config=configs/X.py --workdir=DIR.
+"""Trains an SAE: python experiments/train.py --config=configs/X.py --workdir=DIR.
 
-Override any key with --config.section.key=value; --show_config prints every key with its
-value and meaning and exits.
+JumpReLU by default (--config.sae.arch=relu|gated|topk for the baselines); non-empty sweep.*
+tuples train the grid as one vmapped ensemble into DIR/members/NAME/. Override any key with
+--config.section.key=value; --show_config prints every key with its value and meaning and exits.
 """
 import os
 import sys
