@@ -41,3 +41,23 @@ def tiny(**overrides):
 @pytest.fixture
 def tiny_config():
   return tiny
+
+
+def killed_then_resumed(monkeypatch, run, step: int = 8):
+  """Runs `run()` with the data source dying at `step` (a simulated kill: after the checkpoint
+  at 5, before the one at 10 in tiny configs), then again undisturbed; returns the second run's
+  result. `run` must resume from what the first left on disk."""
+  from jumprelu import data  # after XLA_FLAGS is set above
+
+  real_batch = data.ActivationSource.batch
+
+  def dies(self, at, *args, **kw):
+    if at == step:
+      raise KeyboardInterrupt("simulated kill")
+    return real_batch(self, at, *args, **kw)
+
+  monkeypatch.setattr(data.ActivationSource, "batch", dies)
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  monkeypatch.setattr(data.ActivationSource, "batch", real_batch)
+  return run()

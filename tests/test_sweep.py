@@ -7,9 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jumprelu import (checkpoint, data, harvest, interop, pipeline, sharding, sweep, train,
+from jumprelu import (checkpoint, harvest, interop, pipeline, sharding, sweep, train,
                       validate)
-from tests.conftest import tiny
+from tests.conftest import killed_then_resumed, tiny
 from tests.tiny_lm import tiny_lm
 
 # Members differ from the same SAE trained alone only by float reduction order (vmapped vs
@@ -86,19 +86,14 @@ def test_member_directory_is_a_finished_run_of_its_own(tmp_path):
 def test_interrupted_ensemble_resumes_identically(tmp_path, monkeypatch):
   c = _config("topk")
   train.train_and_evaluate(c, str(tmp_path / "whole"))
-  real_batch = data.ActivationSource.batch
+  exported_before = []
 
-  def dies_at_step_8(self, step, *args, **kw):
-    if step == 8:  # after the checkpoint at step 5, before the one at 10
-      raise KeyboardInterrupt("simulated kill")
-    return real_batch(self, step, *args, **kw)
+  def run():
+    exported_before.append(os.path.exists(tmp_path / "resumed" / "members"))
+    return train.train_and_evaluate(c, str(tmp_path / "resumed"))
 
-  monkeypatch.setattr(data.ActivationSource, "batch", dies_at_step_8)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, str(tmp_path / "resumed"))
-  assert not os.path.exists(tmp_path / "resumed" / "members")  # nothing exported half-way
-  monkeypatch.setattr(data.ActivationSource, "batch", real_batch)
-  train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  killed_then_resumed(monkeypatch, run)
+  assert exported_before == [False, False]  # the killed run exported nothing half-way
   for name, _ in sweep.grid(c):
     a, b = (_params(tmp_path / d / "members" / name) for d in ("whole", "resumed"))
     for key in a:

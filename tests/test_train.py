@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import checkpoint, data, interop, sae, sharding, train
-from tests.conftest import tiny
+from jumprelu import checkpoint, interop, sae, sharding, train
+from tests.conftest import killed_then_resumed, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,18 +38,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
   c = tiny()
   train.train_and_evaluate(c, str(tmp_path / "whole"))
 
-  real_batch = data.ActivationSource.batch
-
-  def dies_at_step_8(self, step, *args, **kw):
-    if step == 8:  # after the checkpoint at step 5, before the one at 10
-      raise KeyboardInterrupt("simulated kill")
-    return real_batch(self, step, *args, **kw)
-
-  monkeypatch.setattr(data.ActivationSource, "batch", dies_at_step_8)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, str(tmp_path / "resumed"))
-  monkeypatch.setattr(data.ActivationSource, "batch", real_batch)
-  summary = train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  summary = killed_then_resumed(
+      monkeypatch, lambda: train.train_and_evaluate(c, str(tmp_path / "resumed")))
   assert summary["steps"] == 12
 
   a, b = _final_state(tmp_path / "whole", c), _final_state(tmp_path / "resumed", c)
