@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.step_impl = "dense"  # "dense" | "sparse" (sparse.py): same gradients, faster at low L0
   c.train.sparse_capacity = 0.02  # sparse step: room for this fraction of B×F entries, else dense
   c.train.matmul_dtype = "float32"  # "float32" | "bfloat16" matmul inputs (fp32 accumulation)
+  c.train.prefetch = 2  # batches read and put on the devices ahead of the step, on a thread (0: off)
 
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True  # also write TensorBoard event files in DIR/tensorboard/

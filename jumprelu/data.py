@@ -8,6 +8,8 @@ resumed or multi-process run reads exactly the rows an uninterrupted run would.
 import glob
 import json
 import os
+import queue
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -256,3 +258,59 @@ def dictionary_recovery(W_dec_FxD: np.ndarray, true_GxD: np.ndarray) -> float:
   learned = W_dec_FxD / np.linalg.norm(W_dec_FxD, axis=1, keepdims=True)
   true = true_GxD / np.linalg.norm(true_GxD, axis=1, keepdims=True)
   return float(np.mean(np.max(true @ learned.T, axis=1)))
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+class Prefetch:
+  """fn(step) for step in `steps`, in order, computed up to `depth` steps ahead on a thread.
+
+  The train loop hands it "read this step's rows and put them on the devices", so the next
+  batches are read and copied while the current step runs. An exception fn raises (a bad row, a
+  simulated kill) is re-raised by next() at the step that raised it, not before; close() stops
+  the thread. depth 0 computes each fn(step) in next() itself."""
+
+  def __init__(self, fn, steps, depth: int):
+    self._fn, self._steps, self._depth = fn, iter(steps), depth
+    if depth > 0:
+      self._queue = queue.Queue(maxsize=depth)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(target=self._fill, daemon=True, name="jumprelu-prefetch")
+      self._thread.start()
+
+  def _fill(self):
+    for step in self._steps:
+      try:
+        item = (True, self._fn(step))
+      except BaseException as e:  # noqa: B036 -- handed to the consumer, raised there
+        item = (False, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if self._stop.is_set() or not item[0]:
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._depth == 0:
+      return self._fn(next(self._steps))
+    while True:
+      try:
+        ok, value = self._queue.get(timeout=0.1)
+        break
+      except queue.Empty:
+        if not self._thread.is_alive() and self._queue.empty():
+          raise StopIteration from None
+    if not ok:
+      raise value
+    return value
+
+  def close(self):
+    if self._depth > 0:
+      self._stop.set()
+      self._thread.join()

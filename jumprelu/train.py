@@ -206,7 +206,8 @@ _RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.checkpoint_every
                    "log.histogram_every", "log.progress", "export.saelens", "export.model_name",
                    "export.hook_name", "export.context_size", "export.dataset_path",
                    "export.density_batches",
-                   "train.step_impl", "train.sparse_capacity")  # same gradients either way
+                   "train.step_impl", "train.sparse_capacity",  # same gradients either way
+                   "train.prefetch")
 # Everything a run writes into its workdir (logs.py's files too): what train.overwrite deletes.
 _RUN_OUTPUTS = ("checkpoints", "checkpoints_rejected", "export", "metrics.jsonl",
                 "histograms.jsonl", "tensorboard", "wandb_id", "summary.json", "config.json",
@@ -376,12 +377,16 @@ def train_and_evaluate(c, workdir: str) -> dict:
         n_replaced = 0
       writer.write(step + 1, m)
 
+  def to_devices(step):  # on the prefetch thread: read step's rows and put them on the devices
+    rows, replaced = read(step)
+    return sharding.global_batch(mesh, rows, batch_size), replaced
+
   preempted, stop_listening = _preemption_notice()
+  batches = data.Prefetch(to_devices, range(start, num_steps), c.train.prefetch)
   try:
     pending = None
     for step in range(start, num_steps):
-      rows, replaced = read(step)
-      x = sharding.global_batch(mesh, rows, batch_size)
+      x, replaced = next(batches)
       state, metrics = step_fn(state, x)
       if c.log.histogram_every and (step + 1) % c.log.histogram_every == 0:
         writer.histograms(step + 1, _histograms(c, members, state, x))
@@ -401,6 +406,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
     if pending is not None:
       finish(*pending)
   finally:
+    batches.close()
     stop_listening()
     mngr.wait_until_finished()  # a save in flight completes even if training stops on an error
   writer.close()

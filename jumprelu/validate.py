@@ -89,6 +89,7 @@ def check_config(c) -> None:
        "in (0, 1] (a fraction of the batch × width entries)")
   need(c.train.matmul_dtype in sae.MATMUL_DTYPES, "train.matmul_dtype",
        f"one of {sae.MATMUL_DTYPES}")
+  need(c.train.prefetch >= 0, "train.prefetch", ">= 0 (0: no prefetch thread)")
   need(c.log.histogram_every >= 0, "log.histogram_every", ">= 0 (0: never)")
   need(not c.log.wandb_project or importlib.util.find_spec("wandb") is not None,
        "log.wandb_project", "'' (off) when wandb is not installed (pip install wandb)")

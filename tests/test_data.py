@@ -114,3 +114,28 @@ def test_outliers_that_set_the_normalisation_are_reported(caplog):
   x[:5] *= 1000.0  # 0.1% of rows, a million times the energy: attention-sink-like tokens
   s.mean_sq_norm(5000)
   assert "5 of the 5000 rows sampled for the input normalisation (0.1%) carry 100%" in caplog.text
+
+
+def test_prefetch_yields_in_order_and_raises_at_the_failing_step():
+  import threading
+  seen = []
+
+  def fn(step):
+    seen.append(step)
+    if step == 5:
+      raise KeyboardInterrupt("simulated kill")
+    return step * 10
+
+  for depth in (0, 1, 3):
+    seen.clear()
+    it = data.Prefetch(fn, range(2, 9), depth)
+    assert [next(it) for _ in range(3)] == [20, 30, 40]  # steps 2, 3, 4 come out before ...
+    with pytest.raises(KeyboardInterrupt, match="simulated kill"):
+      next(it)  # ... step 5's error, however far ahead the thread had read
+    it.close()
+    assert max(seen) == 5  # nothing is read past a failed step
+  it = data.Prefetch(lambda s: s, range(1000), 2)
+  assert next(it) == 0
+  it.close()  # stops the thread though 998 steps are left
+  assert not any(t.name == "jumprelu-prefetch" for t in threading.enumerate())
+  assert list(data.Prefetch(lambda s: s, range(4), 2)) == [0, 1, 2, 3]

@@ -31,7 +31,10 @@ TINY_ARGS = ["--config=" + os.path.join(REPO, "configs", "synthetic.py"),
              "--config.data.norm_rows=1024", "--config.sae.width=64",
              "--config.train.batch_size=64", "--config.train.num_steps=12",
              "--config.train.log_every=4", "--config.train.checkpoint_every=5",
-             "--config.train.keep_checkpoints=5", "--config.mesh.data=1", "--config.mesh.model=1"]
+             "--config.train.keep_checkpoints=5", "--config.mesh.data=1", "--config.mesh.model=1",
+             # Faults below fire while step N's batch is read; without the prefetch thread that
+             # is while step N runs, so each kill lands at an exact, asserted step.
+             "--config.train.prefetch=0"]
 
 # Runs experiments/train.py with one fault injected: process `who` sends itself signal `sig` at
 # an exact point ("step" N: reading step N's batch; "save" N: checkpoint N fully written, commit
@@ -178,10 +181,34 @@ def test_sigterm_saves_at_the_next_step_boundary_and_stops(tmp_path, monkeypatch
   before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(train.Preempted, match="saved a checkpoint at step 9 of 12 .* rerun the "
                                             "same command to resume"):
-    train.train_and_evaluate(tiny(), str(tmp_path))
+    # No prefetch thread: reading step 8 then happens while step 8 runs (see TINY_ARGS).
+    train.train_and_evaluate(tiny(**{"train.prefetch": 0}), str(tmp_path))
   assert signal.getsignal(signal.SIGTERM) == before  # the handler is only ours while training
   assert _steps(tmp_path) == [5, 9]
   assert int(_restore(tmp_path).step) == 9
+
+
+def test_sigterm_with_the_prefetch_thread_saves_resumes_and_ends_identical(
+    tmp_path, monkeypatch, reference):
+  """The notice arrives from the prefetch thread, up to train.prefetch steps early: the run
+  still saves at a step boundary, stops, and the rerun ends bit-identical."""
+  real_batch = data.ActivationSource.batch
+
+  def notice_at_step_8(self, step, *a, **k):
+    if step == 8:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_batch(self, step, *a, **k)
+
+  monkeypatch.setattr(data.ActivationSource, "batch", notice_at_step_8)
+  with pytest.raises(train.Preempted, match="saved a checkpoint at step"):
+    train.train_and_evaluate(tiny(**{"train.prefetch": 2}), str(tmp_path))
+  saved = _steps(tmp_path)[-1]
+  assert 6 <= saved <= 9, _steps(tmp_path)
+  monkeypatch.setattr(data.ActivationSource, "batch", real_batch)
+  train.train_and_evaluate(tiny(**{"train.prefetch": 2}), str(tmp_path))
+  a, b = _restore(reference, 12), _restore(tmp_path, 12)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _free_port():
