@@ -169,15 +169,22 @@ def test_kill_anywhere_then_rerun_ends_bit_identical(tmp_path, reference):
   assert [json.loads(l)["step"] for l in open(run_dir / "metrics.jsonl")] == [4, 8, 12]
 
 
-def test_sigterm_saves_at_the_next_step_boundary_and_stops(tmp_path, monkeypatch):
+def _sigterm_when_reading(monkeypatch, at: int):
+  """Sends this process a preemption notice (SIGTERM) when step `at`'s batch is read; returns
+  the real ActivationSource.batch."""
   real_batch = data.ActivationSource.batch
 
-  def notice_at_step_8(self, step, *a, **k):
-    if step == 8:
+  def notice(self, step, *a, **k):
+    if step == at:
       os.kill(os.getpid(), signal.SIGTERM)
     return real_batch(self, step, *a, **k)
 
-  monkeypatch.setattr(data.ActivationSource, "batch", notice_at_step_8)
+  monkeypatch.setattr(data.ActivationSource, "batch", notice)
+  return real_batch
+
+
+def test_sigterm_saves_at_the_next_step_boundary_and_stops(tmp_path, monkeypatch):
+  _sigterm_when_reading(monkeypatch, 8)
   before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(train.Preempted, match="saved a checkpoint at step 9 of 12 .* rerun the "
                                             "same command to resume"):
@@ -192,14 +199,7 @@ def test_sigterm_with_the_prefetch_thread_saves_resumes_and_ends_identical(
     tmp_path, monkeypatch, reference):
   """The notice arrives from the prefetch thread, up to train.prefetch steps early: the run
   still saves at a step boundary, stops, and the rerun ends bit-identical."""
-  real_batch = data.ActivationSource.batch
-
-  def notice_at_step_8(self, step, *a, **k):
-    if step == 8:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real_batch(self, step, *a, **k)
-
-  monkeypatch.setattr(data.ActivationSource, "batch", notice_at_step_8)
+  real_batch = _sigterm_when_reading(monkeypatch, 8)
   with pytest.raises(train.Preempted, match="saved a checkpoint at step"):
     train.train_and_evaluate(tiny(**{"train.prefetch": 2}), str(tmp_path))
   saved = _steps(tmp_path)[-1]
