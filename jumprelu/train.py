@@ -2,9 +2,6 @@
 import json
 import math
 import os
-import shutil
-import signal
-import threading
 import time
 
 import jax
@@ -13,10 +10,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import struct
-from jax.experimental import multihost_utils
 
 from jumprelu import (arch, checkpoint, data, export, harvest, interop, logs, sae, sharding,
                      sweep, validate)
+from jumprelu import workdir as workdir_lib
 
 
 @struct.dataclass
@@ -197,104 +194,8 @@ def make_source(c, workdir: str | None = None) -> tuple[data.ActivationSource, d
 
 # ----------------------------------------------------------------------------- host loop
 
-# Keys a resumed run may change: longer runs, other logging, another mesh (checkpoints restore
-# onto any mesh), the bad-data policy (so a run stopped by a bad row can go on with
-# data.skip_nonfinite=True) and the overwrite switch itself.
-_RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.checkpoint_every",
-                   "train.keep_checkpoints", "train.overwrite", "data.skip_nonfinite",
-                   "mesh.data", "mesh.model", "log.tensorboard", "log.wandb_project",
-                   "log.histogram_every", "log.progress", "export.saelens", "export.model_name",
-                   "export.hook_name", "export.context_size", "export.dataset_path",
-                   "export.density_batches",
-                   "train.step_impl", "train.sparse_capacity",  # same gradients either way
-                   "train.prefetch")
-# Everything a run writes into its workdir (logs.py's files too): what train.overwrite deletes.
-_RUN_OUTPUTS = ("checkpoints", "checkpoints_rejected", "export", "metrics.jsonl",
-                "histograms.jsonl", "tensorboard", "wandb_id", "summary.json", "config.json",
-                "members", "eval.json")
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice; rerun the command to resume
-
-
-class Preempted(Exception):
-  """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint."""
-
-
-def _flat(d: dict, prefix="") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
-def _check_workdir_config(c, workdir: str) -> None:
-  """Refuses to continue a run in `workdir` that was started with a different (or unknown)
-  config, unless train.overwrite=True, which deletes that run's outputs first. (config.json is
-  written by train_and_evaluate once its checkpoint is known to fit.)"""
-  path = os.path.join(workdir, "config.json")
-  new = _flat(json.loads(c.to_json_best_effort()))
-  problem = None
-  if os.path.exists(path):
-    try:
-      with open(path) as fh:
-        old = _flat(json.load(fh))
-    except (OSError, ValueError) as e:
-      problem = f"a run whose config.json cannot be read ({e})"
-    else:
-      changed = sorted(k for k in set(old) | set(new)
-                       if old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS)
-      if changed:
-        problem = "a run with a different config (" + ", ".join(
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed) + ")"
-  elif any(os.path.isfile(p) or os.path.isdir(p) and os.listdir(p)
-           for p in (os.path.join(workdir, name) for name in _RUN_OUTPUTS)):
-    problem = "a run without a config.json, so it cannot be checked"
-  if problem and not c.train.overwrite:
-    raise ValueError(f"{workdir} holds {problem}; use a new --workdir, or set "
-                     "--config.train.overwrite=True to delete that run and start over")
-  if jax.process_index() == 0 and problem:
-    doomed = [p for p in _RUN_OUTPUTS if os.path.lexists(os.path.join(workdir, p))]
-    logging.warning("train.overwrite=True: %s holds %s; deleting %s", workdir, problem, doomed)
-    for p in doomed:
-      p = os.path.join(workdir, p)
-      shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
-  if jax.process_count() > 1:  # nobody opens the checkpoints before process 0 is done here
-    multihost_utils.sync_global_devices("jumprelu_workdir_checked")
-
-
-def _preemption_notice():
-  """(reached, stop): reached(step) turns True at the step boundary where every process should
-  save and stop after a preemption notice (SIGTERM); stop() stops listening."""
-  if jax.process_count() > 1:
-    # JAX's preemption service catches SIGTERM on any host and picks one step for all of them.
-    return multihost_utils.reached_preemption_sync_point, lambda: None
-  if threading.current_thread() is not threading.main_thread():
-    logging.warning("train_and_evaluate is not on the main thread, so a SIGTERM (preemption "
-                    "notice) cannot be caught: it kills the run, which resumes from the last "
-                    "checkpoint")
-    return lambda step: False, lambda: None
-  received = []
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-  restore = previous if previous is not None else signal.SIG_DFL
-  return lambda step: bool(received), lambda: signal.signal(signal.SIGTERM, restore)
-
-
-def _process_sum(n: int) -> int:
-  if jax.process_count() == 1:
-    return n
-  return int(np.sum(multihost_utils.process_allgather(np.asarray(n, np.int32))))
-
-
-def _logged_metrics(workdir: str, step: int) -> dict:
-  """The train metrics logged at `step` by an earlier run (for a run resumed at its end)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as fh:
-    records = [json.loads(line) for line in fh if line.strip()]
-  record = next((r for r in records if r["step"] == step), {})
-  added = ("tokens", "tokens_per_s", "nonfinite_rows")  # not train metrics: the log adds them
-  return {k: v for k, v in record.items() if k not in added}
-
+Preempted = workdir_lib.Preempted  # raised after saving on a preemption notice (SIGTERM)
+EXIT_PREEMPTED = workdir_lib.EXIT_PREEMPTED  # the entry point's exit status then
 
 def train_and_evaluate(c, workdir: str) -> dict:
   """Trains per config `c` in `workdir`, resuming from its newest checkpoint; returns a summary.
@@ -304,7 +205,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
   sharding.check_divisible(mesh, c.sae.width, c.train.batch_size)
   source, truth = make_source(c, workdir)
-  _check_workdir_config(c, workdir)
+  workdir_lib.check_config(c, workdir)
   logging.info("mesh %s over %d devices; data: %d rows of width %d", dict(mesh.shape),
                mesh.size, source.n, source.d)
 
@@ -373,7 +274,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
     n_replaced += replaced
     if (step + 1) % log_every == 0 or step + 1 == num_steps:
       if c.data.skip_nonfinite:
-        m["nonfinite_rows"] = _process_sum(n_replaced)
+        m["nonfinite_rows"] = workdir_lib.process_sum(n_replaced)
         n_replaced = 0
       writer.write(step + 1, m)
 
@@ -381,7 +282,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
     rows, replaced = read(step)
     return sharding.global_batch(mesh, rows, batch_size), replaced
 
-  preempted, stop_listening = _preemption_notice()
+  preempted, stop_listening = workdir_lib.preemption_notice()
   batches = data.Prefetch(to_devices, range(start, num_steps), c.train.prefetch)
   try:
     pending = None
@@ -411,7 +312,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
     mngr.wait_until_finished()  # a save in flight completes even if training stops on an error
   writer.close()
   if not last:  # resumed from the final checkpoint (killed after it): reuse its logged metrics
-    last = _logged_metrics(workdir, num_steps)
+    last = workdir_lib.logged_metrics(workdir, num_steps)
 
   base = {"steps": num_steps, "tokens": num_steps * batch_size, "seconds": time.time() - t0}
   # Firing densities on batches past the last step, shared by every member; every process reads.

@@ -1,0 +1,110 @@
+"""The run directory: which config a run in it was started with, what it holds, and stopping
+for a preemption notice. Used by train.train_and_evaluate."""
+import json
+import os
+import shutil
+import signal
+import threading
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+# Keys a resumed run may change: longer runs, other logging, another mesh (checkpoints restore
+# onto any mesh), the bad-data policy (so a run stopped by a bad row can go on with
+# data.skip_nonfinite=True) and the overwrite switch itself.
+RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.checkpoint_every",
+                  "train.keep_checkpoints", "train.overwrite", "data.skip_nonfinite",
+                  "mesh.data", "mesh.model", "log.tensorboard", "log.wandb_project",
+                  "log.histogram_every", "log.progress", "export.saelens", "export.model_name",
+                  "export.hook_name", "export.context_size", "export.dataset_path",
+                  "export.density_batches",
+                  "train.step_impl", "train.sparse_capacity",  # same gradients either way
+                  "train.prefetch")
+# Everything a run writes into its workdir (logs.py's files too): what train.overwrite deletes.
+RUN_OUTPUTS = ("checkpoints", "checkpoints_rejected", "export", "metrics.jsonl",
+               "histograms.jsonl", "tensorboard", "wandb_id", "summary.json", "config.json",
+               "members", "eval.json")
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice; rerun the command to resume
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint."""
+
+
+def flat(d: dict, prefix="") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def check_config(c, workdir: str) -> None:
+  """Refuses to continue a run in `workdir` that was started with a different (or unknown)
+  config, unless train.overwrite=True, which deletes that run's outputs first. (config.json is
+  written by train_and_evaluate once its checkpoint is known to fit.)"""
+  path = os.path.join(workdir, "config.json")
+  new = flat(json.loads(c.to_json_best_effort()))
+  problem = None
+  if os.path.exists(path):
+    try:
+      with open(path) as fh:
+        old = flat(json.load(fh))
+    except (OSError, ValueError) as e:
+      problem = f"a run whose config.json cannot be read ({e})"
+    else:
+      changed = sorted(k for k in set(old) | set(new)
+                       if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+      if changed:
+        problem = "a run with a different config (" + ", ".join(
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed) + ")"
+  elif any(os.path.isfile(p) or os.path.isdir(p) and os.listdir(p)
+           for p in (os.path.join(workdir, name) for name in RUN_OUTPUTS)):
+    problem = "a run without a config.json, so it cannot be checked"
+  if problem and not c.train.overwrite:
+    raise ValueError(f"{workdir} holds {problem}; use a new --workdir, or set "
+                     "--config.train.overwrite=True to delete that run and start over")
+  if jax.process_index() == 0 and problem:
+    doomed = [p for p in RUN_OUTPUTS if os.path.lexists(os.path.join(workdir, p))]
+    logging.warning("train.overwrite=True: %s holds %s; deleting %s", workdir, problem, doomed)
+    for p in doomed:
+      p = os.path.join(workdir, p)
+      shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+  if jax.process_count() > 1:  # nobody opens the checkpoints before process 0 is done here
+    multihost_utils.sync_global_devices("jumprelu_workdir_checked")
+
+
+def preemption_notice():
+  """(reached, stop): reached(step) turns True at the step boundary where every process should
+  save and stop after a preemption notice (SIGTERM); stop() stops listening."""
+  if jax.process_count() > 1:
+    # JAX's preemption service catches SIGTERM on any host and picks one step for all of them.
+    return multihost_utils.reached_preemption_sync_point, lambda: None
+  if threading.current_thread() is not threading.main_thread():
+    logging.warning("train_and_evaluate is not on the main thread, so a SIGTERM (preemption "
+                    "notice) cannot be caught: it kills the run, which resumes from the last "
+                    "checkpoint")
+    return lambda step: False, lambda: None
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  restore = previous if previous is not None else signal.SIG_DFL
+  return lambda step: bool(received), lambda: signal.signal(signal.SIGTERM, restore)
+
+
+def process_sum(n: int) -> int:
+  if jax.process_count() == 1:
+    return n
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(n, np.int32))))
+
+
+def logged_metrics(workdir: str, step: int) -> dict:
+  """The train metrics logged at `step` by an earlier run (for a run resumed at its end)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as fh:
+    records = [json.loads(line) for line in fh if line.strip()]
+  record = next((r for r in records if r["step"] == step), {})
+  added = ("tokens", "tokens_per_s", "nonfinite_rows")  # not train metrics: the log adds them
+  return {k: v for k, v in record.items() if k not in added}
