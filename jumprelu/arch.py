@@ -19,6 +19,9 @@ import numpy as np
 from jumprelu import baselines, export, ops, sae, sparse
 
 ARCHS = ("jumprelu", "relu", "gated", "topk")
+# The per-SAE hyperparameters (sweep.AXES) each architecture reads; it ignores the others.
+USES = {"jumprelu": ("sparsity_coefficient", "bandwidth"), "relu": ("sparsity_coefficient",),
+        "gated": ("sparsity_coefficient",), "topk": ("k",)}
 
 
 def init(c, key) -> dict:
@@ -48,12 +51,12 @@ def value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F):
   fraction of pre-activations within ε/2 of θ (the rectangle STE's window)."""
   arch, lam = c.sae.arch, hp["sparsity_coefficient"]
   if arch == "jumprelu":
-    theta_F = sae.threshold(params)
     if c.train.step_impl == "sparse":  # same loss and gradients, see sparse.py
       return sparse.value_and_grad(
           params, x_BxD, sparsity_coefficient=lam, bandwidth=hp["bandwidth"],
           kernel=c.sae.kernel, capacity=c.train.sparse_capacity,
           matmul_dtype=c.train.matmul_dtype)
+    theta_F = sae.threshold(params)
     loss_fn = lambda p: sae.loss(p, x_BxD, sparsity_coefficient=lam, bandwidth=hp["bandwidth"],
                                  kernel=c.sae.kernel, matmul_dtype=c.train.matmul_dtype)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -38,3 +38,12 @@ def save_json(path: str, obj) -> None:
   with open(tmp, "w") as fh:
     json.dump(obj, fh, indent=1)
   _commit(tmp, path)
+
+
+def save_jsonl(path: str, records) -> None:
+  """Writes one JSON object per line, through a temporary file and a rename, like save_npz."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    fh.writelines(json.dumps(r) + "\n" for r in records)
+  _commit(tmp, path)

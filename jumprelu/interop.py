@@ -203,12 +203,12 @@ def load_gemma_scope(path: str) -> dict:
   reads our exports of the other architectures (arch.raw_params, marked by `architecture`)."""
   with np.load(path) as f:
     arrays = {("W_" + k[2:] if k.startswith("w_") else k): f[k] for k in f.files}
-  if "architecture" in arrays and arch.name_of(arrays) != "jumprelu":
-    names = list(SAELENS_WEIGHT_NAMES[arch.name_of(arrays)]) + ["architecture"] + (
-        ["k"] if arch.name_of(arrays) == "topk" else [])
+  name = arch.name_of(arrays)
+  if name != "jumprelu":
+    names = list(SAELENS_WEIGHT_NAMES[name]) + ["architecture"] + (["k"] if name == "topk" else [])
     missing = [k for k in names if k not in arrays]
     if missing:
-      raise KeyError(f"{path} lacks {missing}; a {arch.name_of(arrays)} export has {names}")
+      raise KeyError(f"{path} lacks {missing}; a {name} export has {names}")
     return {k: arrays[k] if k in ("architecture", "k") else np.asarray(arrays[k], np.float32)
             for k in names}
   scale = arrays.pop("scaling_factor", None)

@@ -29,17 +29,12 @@ def report(c, devices=None) -> dict:
   devices = jax.devices() if devices is None else devices
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model, devices)
   sharding.check_divisible(mesh, c.sae.width, c.train.batch_size)
-  members = sweep.grid(c)  # a sweep holds every member's state at once
-  abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0, len(members)))
+  n_members = len(sweep.grid(c))  # a sweep holds every member's state at once
+  abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0, n_members))
   shardings = sharding.tree_shardings(mesh, abstract)
   batch = jax.ShapeDtypeStruct((c.train.batch_size, c.data.d_in), np.float32,
                                sharding=sharding.batch_sharding(mesh))
-  if members:
-    hp_S = sweep.stacked_hparams(members)
-    step = train.jit_train_step(c, mesh, shardings,
-                                lambda c, s, x: train.ensemble_step(c, s, x, hp_S))
-  else:
-    step = train.jit_train_step(c, mesh, shardings)
+  step = train.jit_train_step(c, mesh, shardings)
   compiled = step.lower(abstract, batch).compile()
   analysis = compiled.memory_analysis()
   out = {

@@ -6,7 +6,7 @@ import os
 import jax
 from absl import logging
 
-from jumprelu import data, evaluate, export, harvest, interop, sweep, train, validate
+from jumprelu import arch, data, evaluate, export, harvest, interop, sweep, train, validate
 
 
 def contexts_used(c, workdir: str) -> int:
@@ -38,7 +38,7 @@ def evaluate_workdir(c, workdir: str) -> list[dict]:
   """Evaluates the finished run in `workdir` (every member of a sweep, together)."""
   if not sweep.is_sweep(c):
     return evaluate_runs([(c, workdir)])
-  store = train.store_path(c, workdir) if c.data.source in ("npy", "harvest") else None
+  store = train.store_path(c, workdir)
   return evaluate_runs([(sweep.member_config(c, hp, store), sweep.member_dir(workdir, name))
                         for name, hp in sweep.grid(c)])
 
@@ -74,9 +74,8 @@ def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
     meta = {"site": rc.lm.site, "model": lm[3], "params": path,
             "member": os.path.basename(rdir) if os.path.basename(
                 os.path.dirname(os.path.abspath(rdir))) == "members" else "",
-            "sparsity_coefficient": rc.sae.sparsity_coefficient if own and
-            result["arch"] in ("jumprelu", "relu", "gated") else None,
-            "bandwidth": rc.sae.bandwidth if own and result["arch"] == "jumprelu" else None}
+            **{a: rc.sae[a] if own and a in arch.USES[result["arch"]] else None
+               for a in ("sparsity_coefficient", "bandwidth")}}
     result = {**meta, **result, "k": result.get("k")}
     results.append(result)
     if jax.process_index() == 0:

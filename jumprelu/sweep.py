@@ -57,10 +57,8 @@ def member_dir(workdir: str, name: str) -> str:
 
 def stacked_hparams(members: list[tuple[str, dict]]) -> dict:
   """{axis: [S] array} of the members' hyperparameters, the vmapped argument of the step."""
-  return {"sparsity_coefficient": jnp.asarray([hp["sparsity_coefficient"] for _, hp in members],
-                                              jnp.float32),
-          "bandwidth": jnp.asarray([hp["bandwidth"] for _, hp in members], jnp.float32),
-          "k": jnp.asarray([hp["k"] for _, hp in members], jnp.int32)}
+  return {a: jnp.asarray([hp[a] for _, hp in members], jnp.int32 if a == "k" else jnp.float32)
+          for a in AXES}
 
 
 def stack(tree, n: int):

@@ -146,8 +146,18 @@ def ensemble_step(c, state: TrainState, x_BxD: jax.Array, hp_S: dict):
                   out_axes=(STATE_AXES, 0))(state, hp_S)
 
 
-def jit_train_step(c, mesh, state_shardings, step_fn=train_step):
-  """The step jitted once with explicit shardings; the old state's buffers are donated."""
+def jit_train_step(c, mesh, state_shardings, step_fn=None):
+  """The step jitted once with explicit shardings; the old state's buffers are donated.
+
+  By default train_step, or for a sweep config ensemble_step over its members' hyperparameters
+  (the state then stacked: init_state(..., n_members))."""
+  if step_fn is None:
+    members = sweep.grid(c)
+    if members:
+      hp_S = sweep.stacked_hparams(members)
+      step_fn = lambda c, state, x: ensemble_step(c, state, x, hp_S)
+    else:
+      step_fn = train_step
   return jax.jit(lambda state, x: step_fn(c, state, x),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -237,11 +247,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
                              tensorboard=c.log.tensorboard, wandb_project=c.log.wandb_project,
                              config=c.to_dict(), progress=c.log.progress)
 
-  if members:
-    hp_S = sweep.stacked_hparams(members)
-    step_fn = jit_train_step(c, mesh, shardings, lambda c, s, x: ensemble_step(c, s, x, hp_S))
-  else:
-    step_fn = jit_train_step(c, mesh, shardings)
+  step_fn = jit_train_step(c, mesh, shardings)
   lo, hi = sharding.process_rows(mesh, c.train.batch_size)
   batch_size, num_steps, log_every = c.train.batch_size, c.train.num_steps, c.train.log_every
 
@@ -318,12 +324,11 @@ def train_and_evaluate(c, workdir: str) -> dict:
   # Firing densities on batches past the last step, shared by every member; every process reads.
   density_batches = [sharding.global_batch(mesh, read(num_steps + k)[0], batch_size)
                      for k in range(c.export.density_batches)] if c.export.saelens else []
-  manifest = data.read_manifest(store_path(c, workdir)) if c.data.source in ("npy", "harvest"
-                                                                             ) else None
+  store = store_path(c, workdir)
+  manifest = data.read_manifest(store)  # a harvested store's: model, hook and context length
   if not members:
     return _export_run(c, workdir, state, {**base, "final": last}, truth, density_batches,
                        manifest)
-  store = store_path(c, workdir) if c.data.source in ("npy", "harvest") else None
   summary = {**base, "members": {}}
   for i, (name, hp) in enumerate(members):
     mc, mdir = sweep.member_config(c, hp, store), sweep.member_dir(workdir, name)
@@ -362,16 +367,12 @@ def _save_member(mc, workdir: str, mdir: str, name: str, mstate: TrainState) -> 
   (restorable by train.py with that config) and its lines of the ensemble's metrics."""
   if jax.process_index() == 0:
     export.save_json(os.path.join(mdir, "config.json"), json.loads(mc.to_json_best_effort()))
-    lines = []
+    records = []
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
       with open(path) as fh:
-        lines = [json.dumps(sweep.split_metrics(json.loads(line), name)) for line in fh
-                 if line.strip()]
-    tmp = os.path.join(mdir, "metrics.jsonl.tmp")
-    with open(tmp, "w") as fh:
-      fh.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, os.path.join(mdir, "metrics.jsonl"))
+        records = [sweep.split_metrics(json.loads(line), name) for line in fh if line.strip()]
+    export.save_jsonl(os.path.join(mdir, "metrics.jsonl"), records)
   mngr = checkpoint.manager(mdir, mc.train.keep_checkpoints)
   if mngr.latest_step() != int(mstate.step):  # not already saved by an earlier, resumed call
     checkpoint.save(mngr, int(mstate.step), mstate)

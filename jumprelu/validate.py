@@ -9,7 +9,7 @@ import re
 import tokenize
 
 from configs import base
-from jumprelu import arch, ops, sae
+from jumprelu import arch, ops, sae, sweep
 
 DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
 STEP_IMPLS = ("dense", "sparse")
@@ -57,11 +57,10 @@ def check_config(c) -> None:
         isinstance(v, int | float) and math.isfinite(v) and ok(v) for v in values)
          and len(set(values)) == len(values), f"sweep.{key}",
          f"a tuple of distinct {expected} (empty: no sweep over it)")
-  swept = [k for k in ("sparsity_coefficient", "bandwidth", "k") if c.sweep[k]]
-  unused = {"jumprelu": ("k",), "relu": ("bandwidth", "k"), "gated": ("bandwidth", "k"),
-            "topk": ("sparsity_coefficient", "bandwidth")}.get(c.sae.arch, ())
+  swept = [k for k in sweep.AXES if c.sweep[k]]
   for key in swept:
-    need(key not in unused, f"sweep.{key}", f"empty: sae.arch={c.sae.arch!r} does not use it")
+    need(key in arch.USES.get(c.sae.arch, sweep.AXES), f"sweep.{key}",
+         f"empty: sae.arch={c.sae.arch!r} does not use it")
   need(not swept or c.train.step_impl == "dense" or c.sae.arch != "jumprelu", "train.step_impl",
        "'dense' in a sweep (the sparse step's capacity fallback does not vmap efficiently)")
   need(c.train.step_impl == "dense" or c.sae.arch == "jumprelu", "train.step_impl",

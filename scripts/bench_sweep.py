@@ -70,9 +70,7 @@ def main():
     c_ens = config(args, members=True)
     grid = sweep.grid(c_ens)
     ens_state, ens_sh = train.sharded_init(c_ens, mesh, key, 1.0, len(grid))
-    hp_S = sweep.stacked_hparams(grid)
-    ens_step = train.jit_train_step(c_ens, mesh, ens_sh,
-                                    lambda c, s, x: train.ensemble_step(c, s, x, hp_S))
+    ens_step = train.jit_train_step(c_ens, mesh, ens_sh)
     singles = []
     for _, hp in grid:
       c = sweep.member_config(c_ens, hp)
