@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import sparse as jsparse
 
 from jumprelu import ops, sae, sharding, sparse, train, validate
 from tests.conftest import tiny
@@ -98,6 +99,23 @@ def test_compaction_lists_every_set_bit_in_order(shape):
     np.testing.assert_array_equal(ptr, np.concatenate([[0], np.cumsum(m.sum(1))]))
 
 
+def test_a_slice_of_the_list_is_a_standard_csr_matrix():
+  """Off CPU, each decode slice is handed to the CSR kernels as a matrix of its own, with
+  ptr[0] = 0; densified by jax's generic path (which reads the format strictly) it is the
+  slice's entries."""
+  mask = np.random.default_rng(3).random((3 * 11, 40)) < 0.3  # 3 slices of 11 rows
+  rows_bits = sparse._pack_bits(jnp.asarray(mask))
+  row, col, ptr, count = sparse._compact(rows_bits, mask.size, 40)
+  values = jnp.where(jnp.arange(mask.size) < count, jnp.arange(mask.size, dtype=jnp.float32), 0)
+  dense = np.zeros(mask.shape, np.float32)
+  dense[np.nonzero(mask)] = np.arange(mask.sum())
+  for k in range(3):
+    data, cols, ptr_k = sparse._row_block(values, col, ptr[k * 11:(k + 1) * 11 + 1])
+    assert int(ptr_k[0]) == 0
+    got = jsparse.BCSR((data, cols, ptr_k), shape=(11, 40)).todense()
+    np.testing.assert_array_equal(got, dense[k * 11:(k + 1) * 11])
+
+
 # ----------------------------------------------------------------------------- sparse gradients
 
 def _dense(params, x, lam, kernel):
@@ -105,9 +123,10 @@ def _dense(params, x, lam, kernel):
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
 
-def _sparse(params, x, lam, kernel, capacity):
+def _sparse(params, x, lam, kernel, capacity, decode_slices=None):
   return jax.jit(lambda p, x: sparse.value_and_grad(
-      p, x, sparsity_coefficient=lam, bandwidth=EPS, kernel=kernel, capacity=capacity))(params, x)
+      p, x, sparsity_coefficient=lam, bandwidth=EPS, kernel=kernel, capacity=capacity,
+      decode_slices=decode_slices))(params, x)
 
 
 @pytest.mark.parametrize("kernel", ["rectangle", "triangle", "gaussian"])
@@ -130,6 +149,22 @@ def test_sparse_gradients_equal_dense(kernel, threshold_param):
   np.testing.assert_allclose(s_aux["in_window"], in_window.mean())
   _assert_grads_close(s_grads, grads)
   assert np.any(s_grads[next(k for k in s_grads if "threshold" in k)])
+
+
+@pytest.mark.parametrize("width,slices", [(96, 2), (96, 3), (200, 3), (200, 50)])
+def test_decoding_in_feature_slices_changes_nothing(width, slices):
+  """x̂ decoded slice by slice (ragged last slices, a partly padded last word, more slices asked
+  for than there are words) gives the dense loss and gradients, and the one-slice result."""
+  params, x = _sae(f=width, seed=2)
+  (loss, aux), grads = _dense(params, x, 0.3, "rectangle")
+  (one_loss, one_aux), _ = _sparse(params, x, 0.3, "rectangle", 0.3, decode_slices=1)
+  (s_loss, s_aux), s_grads = _sparse(params, x, 0.3, "rectangle", 0.3, decode_slices=slices)
+  assert float(s_aux["dense_fallback"]) == 0.0
+  np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
+  np.testing.assert_allclose(s_aux["recon_B"], aux["recon_B"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(s_aux["recon_B"], one_aux["recon_B"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(s_aux["l0_B"], aux["l0_B"])
+  _assert_grads_close(s_grads, grads)
 
 
 def test_overflow_falls_back_to_the_dense_loss():
