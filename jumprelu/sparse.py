@@ -5,10 +5,11 @@ lives on the entries of the [B, F] pre-activations that are active (π > θ) or 
 of the STE kernel around θ (the only places where ∂/∂θ or ∂/∂z is non-zero). With L0 ≪ F those
 are a small fraction of B·F, so the decoder, the weight gradients and ∂f are sparse matmuls.
 
-The candidate entries are listed twice with static shapes (a fixed `capacity`): row-major, to
-decode x̂ = f·W_dec, and feature-major, for ∂W_dec = fᵀ·∂x̂, ∂W_enc = xᵀ·∂z and the per-feature
-sums (∂θ, ∂b_enc). When more entries than `capacity` qualify, the step falls back to the dense
-loss (sae.loss) through lax.cond, so the result never depends on the capacity.
+The candidate entries are listed twice with static shapes (a fixed `capacity`): row-major within
+cache-sized slices of features, to decode x̂ = f·W_dec, and feature-major (the same entries moved
+by one scatter), for ∂f, ∂W_dec = fᵀ·∂x̂, ∂W_enc = xᵀ·∂z and the per-feature sums (∂θ, ∂b_enc).
+When more entries than `capacity` qualify, the step falls back to the dense loss (sae.loss)
+through lax.cond, so the result never depends on the capacity.
 
 Dimension letters: B batch, D activation width, F dictionary width, N list capacity,
 W words of 32 packed mask bits.
@@ -21,7 +22,7 @@ from jax.experimental import sparse as jsparse
 from jumprelu import ops, sae
 
 _BITS = 32
-_SDDMM_CHUNK = 1024  # list entries per gathered block of ∂f (two [1024, D] blocks fit L2)
+_SDDMM_CHUNK = 1024  # list entries per gathered block of ∂f (2048 and 4096 measured slower)
 # x̂ = f·W_dec gathers a W_dec row per active entry. Decoding one slice of features at a time keeps
 # the rows a product reads in cache: at D=576, F=16384 (W_dec 36 MiB) four 9 MiB slices ran the
 # decode in 81 ms against 140 ms unsliced (2 slices: 113 ms, 8: 89 ms) on the benchmark CPU.
@@ -99,9 +100,14 @@ def _lists(bits_BxW, bits_FxV, n_cap, slice_words):
   bits_SBxV = bits_SBxV.reshape(batch, n_slices, slice_words).transpose(1, 0, 2)
   r_N, c_N, ptr_SB1, nnz = _compact(bits_SBxV.reshape(n_slices * batch, slice_words), n_cap,
                                     slice_width)
-  t_N, s_N, ptr_F1, _ = _compact(bits_FxV, n_cap, batch)
+  # The feature-major order needs no second compaction: where the slice-major entry (b, j) lands
+  # is ptr_F1[j] + the set bits of column j above row b, read off the packed transpose.
+  pop_M = lax.population_count(bits_FxV).astype(jnp.int32).reshape(-1)  # M = F·V words
+  end_M = jnp.cumsum(pop_M)
+  ptr_F1 = jnp.concatenate([jnp.zeros((1,), jnp.int32), end_M.reshape(bits_FxV.shape)[:, -1]])
   return {"b": r_N % batch, "j": (r_N // batch) * slice_width + c_N, "c": c_N,
-          "ptr_SB1": ptr_SB1, "t": t_N, "s": s_N, "ptr_F1": ptr_F1, "nnz": nnz}
+          "ptr_SB1": ptr_SB1, "nnz": nnz, "bits_FxV": bits_FxV, "start_M": end_M - pop_M,
+          "ptr_F1": ptr_F1}
 
 
 def _sparse(params, x_BxD, xw_BxF, lists, slice_width, lam, bandwidth, kernel):
@@ -112,7 +118,9 @@ def _sparse(params, x_BxD, xw_BxF, lists, slice_width, lam, bandwidth, kernel):
 
   # Slice-major list: decode x̂ = f·W_dec one slice of features at a time (CSR × dense).
   b_N, j_N = lists["b"], jnp.minimum(lists["j"], width - 1)
-  pre_N = jax.nn.relu(xw_BxF[b_N, j_N] + params["b_enc"][j_N])
+  n_cap = b_N.shape[0]
+  z_N = xw_BxF[b_N, j_N] + params["b_enc"][j_N]
+  pre_N = jax.nn.relu(z_N)
   act_N = ops.heaviside(pre_N - theta_F[j_N]) * valid_N
   f_N = pre_N * act_N
   x_hat_BxD = params["b_dec"]
@@ -127,9 +135,18 @@ def _sparse(params, x_BxD, xw_BxF, lists, slice_width, lam, bandwidth, kernel):
   loss = jnp.mean(recon_B + lam * l0_B)
   g_xhat_BxD = (2.0 / batch) * r_BxD
 
-  # Feature-major list of the same entries: ∂f there, then every gradient.
-  t_N, s_N, ptr_F1 = lists["t"], lists["s"], lists["ptr_F1"]
-  z_N = xw_BxF[s_N, t_N] + params["b_enc"][t_N]
+  # Feature-major list of the same entries: ∂f there, then every gradient. Each entry is moved
+  # to its place in (feature, row) order with its row, feature and z (one scatter).
+  bits_FxV, ptr_F1 = lists["bits_FxV"], lists["ptr_F1"]
+  w_N = j_N * bits_FxV.shape[1] + b_N // _BITS
+  below_N = jnp.uint32(1) << (b_N % _BITS).astype(jnp.uint32)
+  rank_N = lax.population_count(bits_FxV.reshape(-1)[w_N] & (below_N - 1)).astype(jnp.int32)
+  pos_N = jnp.where(valid_N, lists["start_M"][w_N] + rank_N, n_cap)
+  moved_Nx3 = jnp.stack([b_N, j_N, lax.bitcast_convert_type(z_N, jnp.int32)], axis=-1)
+  moved_Nx3 = jnp.zeros_like(moved_Nx3).at[pos_N].set(moved_Nx3, mode="drop",
+                                                      unique_indices=True)
+  s_N, t_N = moved_Nx3[:, 0], moved_Nx3[:, 1]
+  z_N = lax.bitcast_convert_type(moved_Nx3[:, 2], jnp.float32)
   pre_N = jax.nn.relu(z_N)
   theta_N = theta_F[t_N]
   act_N = ops.heaviside(pre_N - theta_N) * valid_N
