@@ -55,9 +55,9 @@ def value_and_grad(params, x_BxD, *, sparsity_coefficient, bandwidth, kernel="re
                       // _DECODE_SLICE_BYTES)
   slice_words = -(-bits_BxW.shape[1] // max(1, int(decode_slices)))  # every slice whole words
 
-  # The index lists are built before the branch: an operand of lax.cond is written out once,
-  # where inside it XLA would recompute their whole chain (cumsum, bit select) in every fusion
-  # that reads them (~15–30 ms each at 1.3 M entries).
+  # The index list is built before the branch: an operand of lax.cond is written out once,
+  # where inside it XLA would recompute its whole chain (cumsum, bit select) in every fusion that
+  # reads it (~15–30 ms each at 1.3 M entries).
   lists = _lists(bits_BxW, bits_FxV, n_cap, slice_words)
 
   def sparse_branch(lists):
@@ -87,11 +87,13 @@ def _candidates(pre_BxF, theta_F, bandwidth, kernel):
 
 
 def _lists(bits_BxW, bits_FxV, n_cap, slice_words):
-  """The candidate entries listed twice, as int32 arrays of n_cap entries (valid below nnz).
+  """The candidate entries as int32 arrays of n_cap entries (valid below nnz), slice-major, and
+  what places them in feature-major order.
 
-  Slice-major (b, j, c, ptr_SB1): the features cut into slices of `slice_words` words (the last
-  may be shorter), each listed row-major; c is j's column within its slice and ptr_SB1 [S·B + 1]
-  delimits each (slice, row). Feature-major (t, s, ptr_F1): t feature, s row, ptr_F1 [F + 1].
+  Slice-major (b row, j feature, c, ptr_SB1): the features cut into slices of `slice_words` words
+  (the last may be shorter), each listed row-major; c is j's column within its slice and ptr_SB1
+  [S·B + 1] delimits each (slice, row). Feature-major: bits_FxV (the packed transpose), start_M
+  (the list position of each of its words' first set bit) and ptr_F1 [F + 1].
   """
   batch, words = bits_BxW.shape
   n_slices = -(-words // slice_words)
@@ -141,7 +143,7 @@ def _sparse(params, x_BxD, xw_BxF, lists, slice_width, lam, bandwidth, kernel):
   w_N = j_N * bits_FxV.shape[1] + b_N // _BITS
   below_N = jnp.uint32(1) << (b_N % _BITS).astype(jnp.uint32)
   rank_N = lax.population_count(bits_FxV.reshape(-1)[w_N] & (below_N - 1)).astype(jnp.int32)
-  pos_N = jnp.where(valid_N, lists["start_M"][w_N] + rank_N, n_cap)
+  pos_N = jnp.where(valid_N, lists["start_M"][w_N] + rank_N, n_cap + jnp.arange(n_cap))  # drop
   moved_Nx3 = jnp.stack([b_N, j_N, lax.bitcast_convert_type(z_N, jnp.int32)], axis=-1)
   moved_Nx3 = jnp.zeros_like(moved_Nx3).at[pos_N].set(moved_Nx3, mode="drop",
                                                       unique_indices=True)

@@ -151,18 +151,16 @@ def test_sparse_gradients_equal_dense(kernel, threshold_param):
   assert np.any(s_grads[next(k for k in s_grads if "threshold" in k)])
 
 
-@pytest.mark.parametrize("width,slices", [(96, 2), (96, 3), (200, 3), (200, 50)])
-def test_decoding_in_feature_slices_changes_nothing(width, slices):
-  """x̂ decoded slice by slice (ragged last slices, a partly padded last word, more slices asked
-  for than there are words) gives the dense loss and gradients, and the one-slice result."""
-  params, x = _sae(f=width, seed=2)
+@pytest.mark.parametrize("slices", [3, 50])
+def test_decoding_in_feature_slices_changes_nothing(slices):
+  """x̂ decoded slice by slice (F = 200: 7 words in slices of 3, 3 and 1, the last word partly
+  padding; or more slices asked for than there are words) gives the dense loss and gradients."""
+  params, x = _sae(f=200, seed=2)
   (loss, aux), grads = _dense(params, x, 0.3, "rectangle")
-  (one_loss, one_aux), _ = _sparse(params, x, 0.3, "rectangle", 0.3, decode_slices=1)
   (s_loss, s_aux), s_grads = _sparse(params, x, 0.3, "rectangle", 0.3, decode_slices=slices)
   assert float(s_aux["dense_fallback"]) == 0.0
   np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
   np.testing.assert_allclose(s_aux["recon_B"], aux["recon_B"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(s_aux["recon_B"], one_aux["recon_B"], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(s_aux["l0_B"], aux["l0_B"])
   _assert_grads_close(s_grads, grads)
 
