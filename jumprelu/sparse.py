@@ -104,11 +104,9 @@ def _lists(bits_BxW, bits_FxV, n_cap, slice_words):
                                     slice_width)
   # The feature-major order needs no second compaction: where the slice-major entry (b, j) lands
   # is ptr_F1[j] + the set bits of column j above row b, read off the packed transpose.
-  pop_M = lax.population_count(bits_FxV).astype(jnp.int32).reshape(-1)  # M = F·V words
-  end_M = jnp.cumsum(pop_M)
-  ptr_F1 = jnp.concatenate([jnp.zeros((1,), jnp.int32), end_M.reshape(bits_FxV.shape)[:, -1]])
+  start_M, _, ptr_F1 = _word_offsets(bits_FxV)  # M = F·V words
   return {"b": r_N % batch, "j": (r_N // batch) * slice_width + c_N, "c": c_N,
-          "ptr_SB1": ptr_SB1, "nnz": nnz, "bits_FxV": bits_FxV, "start_M": end_M - pop_M,
+          "ptr_SB1": ptr_SB1, "nnz": nnz, "bits_FxV": bits_FxV, "start_M": start_M,
           "ptr_F1": ptr_F1}
 
 
@@ -116,11 +114,11 @@ def _sparse(params, x_BxD, xw_BxF, lists, slice_width, lam, bandwidth, kernel):
   batch, width = xw_BxF.shape
   theta_F = sae.threshold(params)
   nnz = lists["nnz"]
-  valid_N = jnp.arange(lists["b"].shape[0]) < nnz
+  n_cap = lists["b"].shape[0]
+  valid_N = jnp.arange(n_cap) < nnz
 
   # Slice-major list: decode x̂ = f·W_dec one slice of features at a time (CSR × dense).
   b_N, j_N = lists["b"], jnp.minimum(lists["j"], width - 1)
-  n_cap = b_N.shape[0]
   z_N = xw_BxF[b_N, j_N] + params["b_enc"][j_N]
   pre_N = jax.nn.relu(z_N)
   act_N = ops.heaviside(pre_N - theta_F[j_N]) * valid_N
@@ -217,9 +215,7 @@ def _compact(bits_RxW, n_cap: int, n_cols: int):
   """
   n_rows, n_words = bits_RxW.shape
   bits_M = bits_RxW.reshape(-1)  # M = R·W words, in row-major order
-  pop_M = lax.population_count(bits_M).astype(jnp.int32)
-  end_M = jnp.cumsum(pop_M)
-  start_M = end_M - pop_M  # list position of each word's first set bit
+  start_M, end_M, ptr_R1 = _word_offsets(bits_RxW)
   # The word of each list entry: mark where each word's run starts, then a running count.
   marks_N = jnp.zeros((n_cap,), jnp.int32).at[start_M].add(1, mode="drop")
   word_N = jnp.clip(jnp.cumsum(marks_N) - 1, 0, n_rows * n_words - 1)
@@ -227,8 +223,16 @@ def _compact(bits_RxW, n_cap: int, n_cols: int):
   bit_N = _select_bit(bits_M[word_N], rank_N)
   row_N = word_N // n_words
   col_N = jnp.minimum((word_N % n_words) * _BITS + bit_N, n_cols - 1)
-  ptr_R1 = jnp.concatenate([jnp.zeros((1,), jnp.int32), end_M.reshape(n_rows, n_words)[:, -1]])
   return row_N, col_N, ptr_R1, end_M[-1]
+
+
+def _word_offsets(bits_RxW):
+  """For a packed [R, 32·W] mask listed row-major: the list positions of each word's first set
+  bit and one past its last (start_M, end_M, M = R·W) and the CSR row pointers ptr_R1 [R + 1]."""
+  pop_M = lax.population_count(bits_RxW.reshape(-1)).astype(jnp.int32)
+  end_M = jnp.cumsum(pop_M)
+  ptr_R1 = jnp.concatenate([jnp.zeros((1,), jnp.int32), end_M.reshape(bits_RxW.shape)[:, -1]])
+  return end_M - pop_M, end_M, ptr_R1
 
 
 def _select_bit(word_N, rank_N):
