@@ -11,8 +11,27 @@ by one scatter), for ∂f, ∂W_dec = fᵀ·∂x̂, ∂W_enc = xᵀ·∂z and th
 When more entries than `capacity` qualify, the step falls back to the dense loss (sae.loss)
 through lax.cond, so the result never depends on the capacity.
 
-Dimension letters: B batch, D activation width, F dictionary width, N list capacity,
-W words of 32 packed mask bits.
+Dimension letters (suffixes such as ptr_F1 add one: [F + 1]):
+  B  batch rows                        D  activation width
+  F  dictionary width                  N  list capacity (entries valid below nnz)
+  W  packed words along a row: ceil(F/32) for the [B, F] mask
+  V  packed words along a column: ceil(B/32), the words of each row of the transpose bits_FxV
+     (in _lists' bits_SBxV: the words of one feature slice)
+  M  every word of a packed mask, row-major (R·W; F·V for bits_FxV)
+  S  feature slices x̂ is decoded in
+  R, C  rows and columns of a helper's generic mask or matrix
+  K  blocks of _SDDMM_CHUNK list entries in _sddmm (where C is the block's length)
+
+Worked example (the helpers' real outputs; one decode slice, n_cap = 8). The candidates of B = 3
+rows, F = 5 features: row 0 has features 1, 3; row 1 has 0, 1, 4; row 2 has 3.
+  _pack_bits       bits_BxW = [[0b01010], [0b10011], [0b01000]] = [[10], [19], [8]]
+  _transpose_bits  bits_FxV = [[2], [3], [0], [5], [2]]  (bit b of word j: row b has feature j)
+  _lists           row-major: b = [0, 0, 1, 1, 1, 2], j = [1, 3, 0, 1, 4, 3], nnz = 6 (entries 6
+                   and 7 are padding), ptr_SB1 = [0, 2, 5, 6];
+                   feature-major: start_M = [0, 1, 3, 3, 5], ptr_F1 = [0, 1, 3, 3, 5, 6]
+  _sparse          pos_N = [1, 3, 0, 2, 5, 4]: entry (b, j) moves to start_M[j] + the set bits of
+                   bits_FxV[j] below bit b, e.g. (1, 1) to 1 + popcount(0b11 & 0b01) = 2, so the
+                   feature-major order is (1, 0), (0, 1), (1, 1), (0, 3), (2, 3), (1, 4).
 """
 import jax
 import jax.numpy as jnp
@@ -47,8 +66,8 @@ def value_and_grad(params, x_BxD, *, sparsity_coefficient, bandwidth, kernel="re
   # The bias is added where z is read, so no second [B, F] array is materialised for it.
   xw_BxF = sae.matmul(x_BxD, params["W_enc"], matmul_dtype)
   bits_BxW = _pack_bits(_candidates(jax.nn.relu(xw_BxF + params["b_enc"]), theta_F, bandwidth,
-                                     kernel))  # W = F/32
-  bits_FxV = _transpose_bits(bits_BxW, batch)[:width]  # V = B/32
+                                     kernel))
+  bits_FxV = _transpose_bits(bits_BxW, batch)[:width]
   count = jnp.sum(lax.population_count(bits_BxW).astype(jnp.int32))
   if decode_slices is None:
     decode_slices = -(-params["W_dec"].size * params["W_dec"].dtype.itemsize
@@ -104,13 +123,18 @@ def _lists(bits_BxW, bits_FxV, n_cap, slice_words):
                                     slice_width)
   # The feature-major order needs no second compaction: where the slice-major entry (b, j) lands
   # is ptr_F1[j] + the set bits of column j above row b, read off the packed transpose.
-  start_M, _, ptr_F1 = _word_offsets(bits_FxV)  # M = F·V words
+  start_M, _, ptr_F1 = _word_offsets(bits_FxV)
   return {"b": r_N % batch, "j": (r_N // batch) * slice_width + c_N, "c": c_N,
           "ptr_SB1": ptr_SB1, "nnz": nnz, "bits_FxV": bits_FxV, "start_M": start_M,
           "ptr_F1": ptr_F1}
 
 
 def _sparse(params, x_BxD, xw_BxF, lists, slice_width, lam, bandwidth, kernel):
+  """value_and_grad's sparse branch: ((loss, aux), grads) evaluated on the listed entries only.
+
+  xw_BxF is x·W_enc without b_enc; `lists` comes from _lists (its nnz ≤ capacity, which the
+  caller's lax.cond checks); slice_width: features per decode slice (the last may be narrower).
+  """
   batch, width = xw_BxF.shape
   theta_F = sae.threshold(params)
   nnz = lists["nnz"]
@@ -214,7 +238,7 @@ def _compact(bits_RxW, n_cap: int, n_cols: int):
   the count hold arbitrary in-range indices and must be masked by the caller.
   """
   n_rows, n_words = bits_RxW.shape
-  bits_M = bits_RxW.reshape(-1)  # M = R·W words, in row-major order
+  bits_M = bits_RxW.reshape(-1)
   start_M, end_M, ptr_R1 = _word_offsets(bits_RxW)
   # The word of each list entry: mark where each word's run starts, then a running count.
   marks_N = jnp.zeros((n_cap,), jnp.int32).at[start_M].add(1, mode="drop")
@@ -228,7 +252,7 @@ def _compact(bits_RxW, n_cap: int, n_cols: int):
 
 def _word_offsets(bits_RxW):
   """For a packed [R, 32·W] mask listed row-major: the list positions of each word's first set
-  bit and one past its last (start_M, end_M, M = R·W) and the CSR row pointers ptr_R1 [R + 1]."""
+  bit and one past its last (start_M, end_M) and the CSR row pointers ptr_R1 [R + 1]."""
   pop_M = lax.population_count(bits_RxW.reshape(-1)).astype(jnp.int32)
   end_M = jnp.cumsum(pop_M)
   ptr_R1 = jnp.concatenate([jnp.zeros((1,), jnp.int32), end_M.reshape(bits_RxW.shape)[:, -1]])
