@@ -11,14 +11,15 @@ setup(
         "ml_collections>=1.0", "absl-py", "numpy", "chex",
         "safetensors",  # the SAELens export (interop.py)
         "gguf", "tokenizers",  # the LM: GGUF dequantisation and the tokenizer, no torch
+        "matplotlib",  # scripts/plots.py, which the README's commands run
     ],
     extras_require={
         # tensorboard reads our event files back; nbclient & co. run notebooks/quickstart.ipynb
         # torch, transformers and accelerate are the parity references (tests/lm); torch is
         # pinned to the CPU build (an unpinned torch pulls several GB of CUDA packages).
-        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel", "matplotlib",
+        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel",
                  "torch==2.13.0", "transformers", "accelerate", "datasets"],
-        "notebook": ["matplotlib", "ipykernel"],
+        "notebook": ["ipykernel"],
         "wandb": ["wandb"],  # log.wandb_project; TensorBoard event files need no extra
         # scripts/bench.py: the PyTorch floor and the SAELens peer (torch pinned as for "test")
         "bench": ["torch==2.13.0", "sae-lens>=6.54"],
