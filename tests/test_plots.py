@@ -12,6 +12,14 @@ from scripts import plots, report
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "resid_post.14"
 F = 32
+STEPS = [4, 8, 12]  # the logged steps of every fake run
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+  """The plot builders return open figures; close them after each test."""
+  yield
+  plots.plt.close("all")
 
 
 def _freq(l0, n_dead):
@@ -45,6 +53,38 @@ def _write_run(run_dir, arch, member, l0, delta, fvu, lam=None, eps=None, k=None
       json.dump(obj, f)
 
 
+def _metrics(arch, i, step):
+  """The training metrics logged at `step` by member i of a run (0 for a lone run)."""
+  m = {"loss": 10.0 / step + i, "l0": 400.0 / step + 10 * i, "fvu": 1.0 / step + 0.01 * i,
+       "dead": float(step // 4 + i), "learning_rate": 7e-5}
+  if arch == "jumprelu":
+    m["threshold_mean"] = 0.001 * step + 0.01 * i
+  return m
+
+
+def _write_metrics(run_dir, arch, members=(), own_files=True):
+  """metrics.jsonl as training writes it: a lone run's plain keys, or a sweep's "key/MEMBER"
+  keys, plus (own_files) each member's plain-key members/NAME/metrics.jsonl."""
+  lines = []
+  for step in STEPS:
+    shared = {"step": step, "tokens": 256 * step, "tokens_per_s": 1e4}
+    if not members:
+      lines.append({**shared, **_metrics(arch, 0, step)})
+      continue
+    lines.append({**shared, **{f"{k}/{name}": v for i, name in enumerate(members)
+                               for k, v in _metrics(arch, i, step).items()}})
+  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+  for i, name in enumerate(members if own_files else ()):
+    with open(os.path.join(run_dir, "members", name, "metrics.jsonl"), "w") as f:
+      f.writelines(json.dumps({"step": step, "tokens": 256 * step, "tokens_per_s": 1e4,
+                               **_metrics(arch, i, step)}) + "\n" for step in STEPS)
+
+
+JR_MEMBERS = ["eps=0.0005", "eps=0.004", "lam=0.0001", "lam=0.001"]  # sorted, as members/ lists
+TK_MEMBERS = ["k=300", "k=32"]
+
+
 @pytest.fixture
 def runs(tmp_path):
   """A JumpReLU sweep (two λ members, two ε members), a TopK sweep and a lone ReLU run.
@@ -61,6 +101,10 @@ def runs(tmp_path):
   _write_run(tk / "k=32", "topk", "k=32", 10 ** 1.5, 0.2, 0.25, k=32, n_dead=0)
   _write_run(tk / "k=300", "topk", "k=300", 300.0, 0.05, 0.05, k=300)  # outside JumpReLU's range
   _write_run(tmp_path / "relu_run", "relu", "", 1000.0, 0.04567, 0.03, lam=3e-4)  # no overlap
+  # Training logs: JumpReLU's members have their own files, TopK's only the sweep's file.
+  _write_metrics(tmp_path / "sweep_jumprelu", "jumprelu", JR_MEMBERS)
+  _write_metrics(tmp_path / "sweep_topk", "topk", TK_MEMBERS, own_files=False)
+  _write_metrics(tmp_path / "relu_run", "relu")
   return [str(tmp_path / "sweep_jumprelu"), str(tmp_path / "sweep_topk"),
           str(tmp_path / "relu_run")]
 
@@ -72,6 +116,16 @@ def _assert_png(path):
   assert len(data) > 2000, (path, len(data))
 
 
+def _assert_lines(ax, expected):
+  """The axes draw exactly `expected` ({label: (x, y)}, in drawing order), none of them empty."""
+  lines = [(line.get_label(), line.get_xdata(), line.get_ydata()) for line in ax.lines]
+  assert [label for label, _, _ in lines] == list(expected), ax.get_title()
+  for (label, x, y), (x_want, y_want) in zip(lines, expected.values()):
+    assert len(x) > 0 and len(x) == len(y), (ax.get_title(), label, "empty curve")
+    np.testing.assert_allclose(x, x_want, rtol=1e-12, err_msg=f"{ax.get_title()} {label}")
+    np.testing.assert_allclose(y, y_want, rtol=1e-12, err_msg=f"{ax.get_title()} {label}")
+
+
 def test_plots_writes_every_figure(runs, tmp_path):
   out = tmp_path / "plots"
   written = plots.main(["--runs", *runs, "--out", str(out)])
@@ -79,10 +133,68 @@ def test_plots_writes_every_figure(runs, tmp_path):
              "jumprelu_eps=0.004", "topk_k=32", "topk_k=300", "relu_relu_run"]
   expected = ([f"{k}_{SITE}.png" for k in ("pareto_delta_lm_loss", "pareto_fvu",
                                            "high_frequency", "eps_sweep")] +
-              [f"firing_density/{SITE}_{d}.png" for d in density])
+              [f"firing_density/{SITE}_{d}.png" for d in density] +
+              [f"training_curves_{SITE}_{r}.png" for r in ("sweep_jumprelu", "sweep_topk",
+                                                           "relu_run")])
   assert sorted(os.path.relpath(p, out) for p in written) == sorted(expected)
   for name in expected:
     _assert_png(out / name)
+
+
+def test_sweep_figures_draw_each_arch(runs):
+  """Pareto, Fig. 5 and ε-sweep figures plot each arch's numbers from eval.json (see `runs`)."""
+  records = report.load_records(runs)
+  l0_tk = 10 ** 1.5
+  ax = plots.plot_pareto(records, SITE, "delta_lm_loss").axes[0]
+  _assert_lines(ax, {"jumprelu": ([10, 100], [0.2, 0.1]), "relu": ([1000], [0.04567]),
+                     "topk": ([l0_tk, 300], [0.2, 0.05])})  # ε members left off
+  ax = plots.plot_pareto(records, SITE, "fvu").axes[0]
+  _assert_lines(ax, {"jumprelu": ([10, 100], [0.3, 0.1]), "relu": ([1000], [0.03]),
+                     "topk": ([l0_tk, 300], [0.25, 0.05])})
+
+  # Fig. 5: x is delta LM loss, sorted; y the fraction of features over 10% (1%) of tokens.
+  def frac(l0, over, n_dead=4):
+    return float(np.mean(np.array(_freq(l0, n_dead)) > over))
+
+  ax10, ax1 = plots.plot_high_frequency(records, SITE).axes
+  for ax, over in ((ax10, 0.1), (ax1, 0.01)):
+    _assert_lines(ax, {"jumprelu": ([0.1, 0.2], [frac(100, over), frac(10, over)]),
+                       "relu": ([0.04567], [frac(1000, over)]),
+                       "topk": ([0.05, 0.2], [frac(300, over), frac(l0_tk, over, 0)])})
+  ax_lm, ax_l0 = plots.plot_eps_sweep(records, SITE).axes
+  _assert_lines(ax_lm, {"jumprelu": ([5e-4, 4e-3], [0.5, 0.6])})
+  _assert_lines(ax_l0, {"jumprelu": ([5e-4, 4e-3], [l0_tk, 25.0])})
+
+
+def test_firing_density_counts_every_feature(runs):
+  (r,) = [r for r in report.load_records(runs) if r["member"] == "lam=0.001"]
+  ax = plots.plot_firing_density(r).axes[0]
+  *bins, dead = ax.patches  # the histogram's bars, then the dead features' bar
+  heights = [b.get_height() for b in bins]
+  assert sum(heights) == F - 4 and sum(h > 0 for h in heights) > 1
+  assert dead.get_height() == 4
+
+
+@pytest.mark.parametrize("run, arch, members", [(0, "jumprelu", JR_MEMBERS),
+                                                (1, "topk", TK_MEMBERS), (2, "relu", [""])])
+def test_training_curves_draw_every_logged_step(runs, run, arch, members):
+  """One panel per logged metric, one line per member through every logged step. JumpReLU's
+  members are read from their own files, TopK's from the sweep's "key/MEMBER" lines."""
+  by_run = plots.runs_of(report.load_records(runs))
+  logs = {m: plots.read_metrics(runs[run], m) for m in by_run[os.path.normpath(runs[run])]}
+  fig = plots.plot_training_curves(logs, runs[run])
+  panels = {"loss": "loss", "L0": "l0", "FVU": "fvu", "dead features": "dead"}
+  if arch == "jumprelu":
+    panels["mean threshold θ"] = "threshold_mean"
+  assert [ax.get_title() for ax in fig.axes] == list(panels)
+  for ax in fig.axes:
+    key = panels[ax.get_title()]
+    expected = {m: (STEPS, [_metrics(arch, i, s)[key] for s in STEPS])
+                for i, m in enumerate(members)}
+    if members == [""]:  # a lone run's line has no label: matplotlib names it
+      expected = {ax.lines[0].get_label(): expected[""]}
+    _assert_lines(ax, expected)
+    assert ax.get_yscale() == ("log" if key in ("loss", "l0", "fvu") else "linear")
 
 
 def _row(text, arch, member):
@@ -161,6 +273,14 @@ def test_scripts_run_from_the_repo_root(runs, tmp_path):
   assert "| relu |" in out["report.py"]
   # One ReLU run: no ε-sweep members, so no ε figure; the printed list is what was written.
   written = out["plots.py"].split()
-  assert len(written) == 4 and not any("eps_sweep" in p for p in written)
+  assert len(written) == 5 and not any("eps_sweep" in p for p in written)
+  assert os.path.basename(written[-1]) == f"training_curves_{SITE}_relu_run.png"
   for p in written:
     _assert_png(p)
+
+
+def test_run_without_training_log_is_skipped_with_a_warning(tmp_path, capsys):
+  _write_run(tmp_path / "imported", "jumprelu", "", 50.0, 0.1, 0.1, lam=1e-3, eps=1e-3)
+  written = plots.main(["--runs", str(tmp_path / "imported"), "--out", str(tmp_path / "p")])
+  assert written and not any("training_curves" in p for p in written)
+  assert "imported: no metrics.jsonl" in capsys.readouterr().err
