@@ -9,7 +9,7 @@ setup(
     install_requires=[
         "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12",
         "ml_collections>=1.0", "absl-py", "numpy", "chex",
-        "safetensors",  # the SAELens export (interop.py)
+        "safetensors",  # the SAELens export (export.py)
         "gguf", "tokenizers",  # the LM: GGUF dequantisation and the tokenizer, no torch
         "matplotlib",  # scripts/plots.py, which the README's commands run
     ],

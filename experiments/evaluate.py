@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from jumprelu import pipeline
+from jumprelu import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; default: the run's DIR/config.json.", lock_config=True)
@@ -39,9 +39,9 @@ def main(argv):
     with open(path) as fh:
       c = ml_collections.ConfigDict(json.load(fh))
   if _PARAMS.value is None:
-    pipeline.evaluate_workdir(c, _WORKDIR.value)
+    evaluate.evaluate_workdir(c, _WORKDIR.value)
   else:
-    pipeline.evaluate_sae(c, _WORKDIR.value, _PARAMS.value)
+    evaluate.evaluate_sae(c, _WORKDIR.value, _PARAMS.value)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jumprelu import harvest, train, validate
+from jumprelu import harvest, validate
+from jumprelu import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -27,7 +28,7 @@ def main(argv):
   validate.check_config(c)
   if c.data.source != "harvest":
     raise app.UsageError(f"data.source must be 'harvest' to harvest, got {c.data.source!r}")
-  manifest = harvest.harvest(c, train.store_path(c, _WORKDIR.value))
+  manifest = harvest.harvest(c, workdir_lib.store_path(c, _WORKDIR.value))
   logging.info("%d tokens of %s at %s", manifest["tokens"], manifest["spec"]["model"],
                manifest["spec"]["site"])
 

@@ -15,7 +15,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import base
-from jumprelu import memory, pipeline, train, validate
+from jumprelu import memory, run, validate
+from jumprelu import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -53,10 +54,10 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
-    summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
-  except train.Preempted as e:  # a checkpoint is saved; schedulers may requeue on this status
-    logging.warning("%s (exit status %d)", e, train.EXIT_PREEMPTED)
-    sys.exit(train.EXIT_PREEMPTED)
+    summary = run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except workdir_lib.Preempted as e:  # a checkpoint is saved; schedulers may requeue on this
+    logging.warning("%s (exit status %d)", e, workdir_lib.EXIT_PREEMPTED)
+    sys.exit(workdir_lib.EXIT_PREEMPTED)
   logging.info("done: %s", summary)
 
 

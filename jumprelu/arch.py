@@ -5,18 +5,13 @@ hyperparameters arrive as `hp`, a dict of (possibly traced, for a vmapped ensemb
   sparsity_coefficient  λ after its warm-up (JumpReLU: L0 penalty; ReLU and Gated: L1 penalty)
   bandwidth             ε of JumpReLU's straight-through estimator
   k                     TopK's k (static bound: k_max(c))
-Raw-unit exports (normalisation folded in, numpy float32) keep each architecture's own names;
-all but JumpReLU's also hold `architecture`, a 0-d string array naming it:
-  jumprelu  W_enc, b_enc, W_dec, b_dec, threshold         (the Gemma Scope params.npz layout)
-  relu      W_enc, b_enc, W_dec, b_dec
-  topk      W_enc, b_enc, W_dec, b_dec, k (0-d int32)
-  gated     W_gate, b_gate, r_mag, b_mag, W_dec, b_dec
+Raw-unit exports (export.raw_params) keep each architecture's own names; features() and
+split_raw() read them as well as training params.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jumprelu import baselines, export, ops, sae, sparse
+from jumprelu import baselines, ops, sae, sparse
 
 ARCHS = ("jumprelu", "relu", "gated", "topk")
 # The per-SAE hyperparameters (sweep.AXES) each architecture reads; it ignores the others.
@@ -76,23 +71,7 @@ def value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F):
   return (loss, aux), grads
 
 
-# ----------------------------------------------------------------------------- raw units
-
-def raw_params(arch: str, params: dict, norm_scale, k: int | None = None) -> dict:
-  """numpy float32 params acting on raw activations, for a model trained on x / norm_scale.
-
-  With x_n = x / C every pre-activation scales by C, so the biases (and θ) are multiplied by C
-  and the weights, r_mag and the TopK ranking are unchanged."""
-  if arch == "jumprelu":
-    return export.raw_params(params, norm_scale)
-  scaled = ("b_enc", "b_dec", "b_gate", "b_mag")
-  out = {name: (np.asarray(v, np.float32) * (float(norm_scale) if name in scaled else 1.0)
-               ).astype(np.float32) for name, v in params.items()}
-  out["architecture"] = np.asarray(arch)
-  if arch == "topk":
-    out["k"] = np.asarray(k, np.int32)
-  return out
-
+# ----------------------------------------------------------------------------- raw-unit exports
 
 def name_of(params_raw: dict) -> str:
   """The architecture of a raw-unit export (Gemma Scope files name none: JumpReLU)."""

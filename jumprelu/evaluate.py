@@ -7,17 +7,24 @@ shrinkage γ = E[x̂·x̂] / E[x̂·x], and per-feature firing frequency. BOS, E
 never replaced (nor the first lm.skip_positions tokens), and a position counts only if its
 token and the next one are such ordinary tokens. For JumpReLU SAEs also the threshold
 distribution and the fraction of pre-activations inside the STE window |π − θ| < ε/2.
-Any architecture (arch.py) evaluates; several SAEs at one site share the clean runs.
+Any architecture (arch.py) evaluates; several SAEs at one site share the clean runs. The
+orchestration on top (evaluate_workdir, evaluate_runs) picks the held-out contexts after those
+training saw and writes DIR/eval.json.
 """
 import functools
 import itertools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jumprelu import arch as arch_lib
-from jumprelu import harvest, logs, sae
+from jumprelu import export, files, logs, sae, sweep
+from jumprelu import workdir as workdir_lib
+from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 
 
@@ -27,7 +34,7 @@ def held_out_contexts(c, cfg, tokenizer, harvested_contexts: int | None = None) 
     raise ValueError(f"eval.skip_contexts={c.eval.skip_contexts} overlaps the "
                      f"{harvested_contexts} contexts harvested for training; set it to at "
                      f"least {harvested_contexts}")
-  stream = harvest.contexts(c, cfg, tokenizer)
+  stream = lm_act.contexts(c, cfg, tokenizer)
   out = list(itertools.islice(stream, c.eval.skip_contexts, c.eval.skip_contexts +
                               c.eval.num_contexts))
   if len(out) < c.eval.num_contexts:
@@ -48,7 +55,7 @@ def _ce_BxL(logits_BxLxV, tokens_BxL):
 @functools.partial(jax.jit, static_argnames=("cfg", "site", "skip_positions"))
 def _clean(lm_params, tokens_BxL, *, cfg, site, skip_positions):
   """What every SAE's sums share: the clean and zero-ablated runs and the site's activations."""
-  keep_BxL = harvest.keep_mask(cfg, tokens_BxL, skip_positions)
+  keep_BxL = lm_act.keep_mask(cfg, tokens_BxL, skip_positions)
   count_BxL = keep_BxL & jnp.pad(keep_BxL[:, 1:], ((0, 0), (0, 1)))  # this and next ordinary
   ablate = lambda a: jnp.where(keep_BxL[..., None], 0.0, a)
   clean_logits, x_BxLxW = model.forward(lm_params, cfg, tokens_BxL, site=site)
@@ -102,7 +109,7 @@ def evaluate_lm(c, lm, sae_params_raw: dict, contexts_NxL: np.ndarray, batch: in
 
 def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: int = 8,
                   half_windows: list[float] | None = None) -> list[dict]:
-  """evaluate_lm for several SAEs (arch.raw_params exports, any architecture) at lm.site: the
+  """evaluate_lm for several SAEs (export.raw_params exports, any architecture) at lm.site: the
   clean and zero-ablated runs are made once per batch and shared.
 
   half_windows[i] > 0 (raw units, ε·C/2 for a JumpReLU SAE trained with bandwidth ε on x / C)
@@ -181,3 +188,67 @@ def table(result: dict) -> str:
           for k in TABLE_KEYS if k in result]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def evaluate_workdir(c, workdir: str) -> list[dict]:
+  """Evaluates the finished run in `workdir` (every member of a sweep, together)."""
+  if not sweep.is_sweep(c):
+    return evaluate_runs([(c, workdir)])
+  store = workdir_lib.store_path(c, workdir)
+  return evaluate_runs([(sweep.member_config(c, hp, store), sweep.member_dir(workdir, name))
+                        for name, hp in sweep.grid(c)])
+
+
+def evaluate_sae(c, workdir: str, params_path: str) -> dict:
+  """Evaluates the SAE at `params_path` (params.npz or a SAELens folder) on c's LM and site,
+  on contexts held out from training; writes DIR/eval.json and logs a table."""
+  own = os.path.abspath(params_path) == os.path.abspath(
+      os.path.join(workdir, "export", "params.npz"))
+  return evaluate_runs([(c, workdir)], params_paths=[params_path], describe=[own])[0]
+
+
+def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
+  """Evaluates the finished runs [(config, workdir)] at one LM site together (the clean runs are
+  shared), each on its DIR/export/params.npz unless params_paths says otherwise, and writes
+  each DIR/eval.json. describe[i]: record run i's λ, ε and k (off for a foreign SAE)."""
+  c = runs[0][0]
+  for rc, rdir in runs:
+    if (rc.lm.site, rc.lm.model_path) != (c.lm.site, c.lm.model_path):
+      raise ValueError(f"{rdir}: evaluated together runs must share lm.site and lm.model_path; "
+                       f"got {rc.lm.site!r} vs {c.lm.site!r}")
+  params_paths = params_paths or [os.path.join(d, "export", "params.npz") for _, d in runs]
+  describe = describe or [True] * len(runs)
+  lm = lm_act.load_lm(c)
+  contexts = held_out_contexts(
+      c, lm[1], lm[2], max(workdir_lib.contexts_used(rc, rdir) for rc, rdir in runs))
+  saes = [export.load(p) for p in params_paths]
+  half_windows = [_half_window(rc, rdir) if own else 0.0
+                  for (rc, rdir), own in zip(runs, describe)]
+  results = []
+  for (rc, rdir), path, own, result in zip(runs, params_paths, describe, evaluate_many(
+      c, lm, saes, contexts, half_windows=half_windows)):
+    meta = {"site": rc.lm.site, "model": lm[3], "params": path,
+            "member": os.path.basename(rdir) if os.path.basename(
+                os.path.dirname(os.path.abspath(rdir))) == "members" else "",
+            **{a: rc.sae[a] if own and a in arch_lib.USES[result["arch"]] else None
+               for a in ("sparsity_coefficient", "bandwidth")}}
+    result = {**meta, **result, "k": result.get("k")}
+    results.append(result)
+    if jax.process_index() == 0:
+      os.makedirs(rdir, exist_ok=True)
+      files.save_json(os.path.join(rdir, "eval.json"), result)
+      logging.info("evaluation of %s on %d held-out tokens at %s:\n%s", rdir, result["tokens"],
+                   rc.lm.site, table(result))
+  return results
+
+
+def _half_window(c, workdir: str) -> float:
+  """ε·C/2 in raw units for a JumpReLU run (C from its summary.json), else 0 (not reported)."""
+  path = os.path.join(workdir, "summary.json")
+  if c.sae.arch != "jumprelu" or not os.path.exists(path):
+    return 0.0
+  with open(path) as fh:
+    scale = json.load(fh).get("norm_scale")
+  return 0.0 if scale is None else 0.5 * c.sae.bandwidth * scale

@@ -1,4 +1,4 @@
-"""Harvesting: text -> tokens -> LM forward -> activations at a site -> `.npy` shards + manifest.
+"""Activations from the LM: harvested into a `.npy` store (shards + manifest), or streamed live.
 
 The store is a directory of shard_NNNNN.npy files [rows, W] and manifest.json, which lists the
 complete shards and where the next one starts (context index, kept rows of it already stored).
@@ -6,85 +6,19 @@ Shards are written to a temporary name and renamed, then the manifest is rewritt
 so a killed harvest restarts from its last complete shard and yields the same store. BOS, EOS
 and padding positions are never stored.
 """
-import dataclasses
-import functools
 import hashlib
-import json
 import os
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from absl import logging
 
-from jumprelu import data, logs
-from jumprelu.lm import load, model, text
+from jumprelu import data, files, logs
+from jumprelu.lm import activations as lm_act
+from jumprelu.lm import model
 
 MANIFEST = "manifest.json"
 STORE_DTYPES = ("float32", "bfloat16")
-
-
-# ----------------------------------------------------------------------------- the LM and text
-
-def load_lm(c):
-  """(params, cfg, tokenizer, model name) for config key lm.model_path ("" = SmolLM2-135M)."""
-  return _load_lm(c.lm.model_path or load.default_model_path(), c.lm.dtype, c.lm.bos_id,
-                  c.lm.eos_id)
-
-
-@functools.cache  # harvest, live training and evaluation in one job share one load
-def _load_lm(path: str, dtype: str, bos_id: int, eos_id: int):
-  params, cfg, tokenizer = load.load(path)
-  cfg = dataclasses.replace(cfg, dtype=dtype, bos_id=cfg.bos_id if bos_id < 0 else bos_id,
-                            eos_id=cfg.eos_id if eos_id < 0 else eos_id)
-  return params, cfg, tokenizer, os.path.basename(os.path.normpath(path))
-
-
-@functools.cache
-def _stdlib_docs() -> tuple[str, ...]:
-  return tuple(text.stdlib_docstrings())  # imports the whole standard library: do it once
-
-
-def documents(c):
-  """The text documents named by text.source: stdlib | files | hf."""
-  if c.text.source == "stdlib":
-    return iter(_stdlib_docs())
-  if c.text.source == "files":
-    return text.local_files(c.text.path, field=c.text.field)
-  if c.text.source == "hf":
-    return text.hf_dataset(c.text.path, c.text.split, field=c.text.field)
-  raise ValueError(f"text.source must be one of ('stdlib', 'files', 'hf'), got {c.text.source!r}")
-
-
-def contexts(c, cfg, tokenizer):
-  """Packed int32 contexts [lm.context_len], BOS first, in a fixed order."""
-  return text.pack(documents(c), tokenizer, c.lm.context_len, cfg.bos_id, cfg.eos_id)
-
-
-def keep_mask(cfg, tokens_BxL, skip_positions: int = 0):
-  """Positions whose activations are used: not BOS, EOS or padding, nor the first
-  `skip_positions` after BOS. Works on numpy and jax arrays."""
-  keep_BxL = text.harvest_mask(tokens_BxL, cfg.bos_id, cfg.eos_id, cfg.pad_id)
-  if skip_positions:
-    keep_BxL = keep_BxL & (np.arange(tokens_BxL.shape[1]) > skip_positions)
-  return keep_BxL
-
-
-def context_rows(c, forward, params, cfg, batch: list) -> list[np.ndarray]:
-  """Each context's kept activations [n_i, W], from one forward over lm.batch_contexts contexts
-  (a short batch is padded by repeating its last context: one compiled shape, same values)."""
-  tokens_BxL = np.stack(batch + [batch[-1]] * (c.lm.batch_contexts - len(batch)))
-  acts_BxLxW = np.asarray(forward(params, tokens_BxL))
-  keep_BxL = keep_mask(cfg, tokens_BxL, c.lm.skip_positions)
-  return [acts_BxLxW[b][keep_BxL[b]] for b in range(len(batch))]
-
-
-@functools.cache
-def site_fn(cfg, site):
-  """Jitted tokens [B, L] -> activation [B, L, W] at `site`, stopping after its layer."""
-  fwd = functools.partial(model.forward, cfg=cfg, site=site, stop_at_site=True)
-  return jax.jit(lambda params, tokens: fwd(params, tokens_BxL=tokens)[1].astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- the store
@@ -103,21 +37,15 @@ def store_spec(c, cfg, tokenizer, model_name: str) -> dict:
 
 
 def _write_manifest(directory: str, manifest: dict) -> None:
-  tmp = os.path.join(directory, MANIFEST + ".tmp")
-  with open(tmp, "w") as fh:
-    json.dump(manifest, fh, indent=1)
-  os.replace(tmp, os.path.join(directory, MANIFEST))
-
-
-def model_name(c) -> str:
-  return os.path.basename(os.path.normpath(c.lm.model_path or load.default_model_path()))
+  """The store's commit record: a shard is part of the store once the manifest lists it."""
+  files.save_json(os.path.join(directory, MANIFEST), manifest)
 
 
 def check_store(c, stored: dict, directory: str) -> None:
   """Refuses, before compiling, a store from another model, site or storage dtype."""
   wanted = {"site": model.format_site(model.parse_site(c.lm.site))}
   if c.data.source == "harvest" or c.lm.model_path:
-    wanted["model"] = model_name(c)
+    wanted["model"] = lm_act.model_name(c)
   if c.data.source == "harvest":
     wanted["dtype"] = c.harvest.dtype
   check_spec({"spec": stored}, wanted, directory)
@@ -156,9 +84,7 @@ def _drop_bad_shards(directory: str, manifest: dict) -> None:
 def _save_shard(directory: str, index: int, rows_NxW: np.ndarray, dtype: str) -> str:
   name = f"shard_{index:05d}.npy"
   out = rows_NxW.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bfloat16" else rows_NxW
-  tmp = os.path.join(directory, name + ".tmp.npy")
-  np.save(tmp, out)
-  os.replace(tmp, os.path.join(directory, name))
+  files.save_npy(os.path.join(directory, name), out)
   return name
 
 
@@ -166,7 +92,7 @@ def harvest(c, directory: str, lm=None) -> dict:
   """Fills `directory` with harvest.num_tokens activations (resuming a partial store)."""
   if c.harvest.dtype not in STORE_DTYPES:
     raise ValueError(f"harvest.dtype must be one of {STORE_DTYPES}, got {c.harvest.dtype!r}")
-  params, cfg, tokenizer, name = lm or load_lm(c)
+  params, cfg, tokenizer, name = lm or lm_act.load_lm(c)
   spec = store_spec(c, cfg, tokenizer, name)
   if spec["width"] != c.data.d_in:
     raise ValueError(f"{c.lm.site} of {name} has width {spec['width']}, but data.d_in="
@@ -178,7 +104,7 @@ def harvest(c, directory: str, lm=None) -> dict:
                 "complete": False}
   check_spec(manifest, spec, directory)
   for f in os.listdir(directory):  # leftovers of a killed write are never part of the store
-    if f.endswith(".tmp.npy") or f.endswith(".tmp"):
+    if files.is_temporary(f):
       os.remove(os.path.join(directory, f))
   _drop_bad_shards(directory, manifest)
   target = c.harvest.num_tokens
@@ -186,14 +112,14 @@ def harvest(c, directory: str, lm=None) -> dict:
     return manifest
 
   site = model.parse_site(c.lm.site)
-  forward = site_fn(cfg, site)
+  forward = lm_act.site_fn(cfg, site)
   per_batch = c.lm.batch_contexts
   # The store holds every kept row of contexts < next_context and the first skip_rows of
   # next_context. Restart at a batch boundary so every forward sees the same batch of contexts
   # as an uninterrupted harvest did (same shapes, same values), and drop what is stored.
   cursor_ctx, cursor_skip = manifest["next_context"], manifest["skip_rows"]
   first = cursor_ctx - cursor_ctx % per_batch
-  ctx_iter = contexts(c, cfg, tokenizer)
+  ctx_iter = lm_act.contexts(c, cfg, tokenizer)
   for _ in range(first):
     next(ctx_iter)
   pending = []  # (context index, offset of rows[0] among its kept rows, rows [n, W])
@@ -204,7 +130,7 @@ def harvest(c, directory: str, lm=None) -> dict:
     exhausted = len(batch) < per_batch
     if not batch:
       break
-    for b, rows in enumerate(context_rows(c, forward, params, cfg, batch)):
+    for b, rows in enumerate(lm_act.context_rows(c, forward, params, cfg, batch)):
       ctx = index + b
       if ctx > cursor_ctx:
         pending.append((ctx, 0, rows))
@@ -267,18 +193,18 @@ class LiveSource:
 
   def __init__(self, c, lm=None):
     self.c = c
-    self.params, self.cfg, self.tokenizer, name = lm or load_lm(c)
+    self.params, self.cfg, self.tokenizer, name = lm or lm_act.load_lm(c)
     self.site = model.parse_site(c.lm.site)
     self.d = model.site_width(self.cfg, self.site)
     self.names = [f"live {name} {c.lm.site}"]
     self.n = 0  # rows of the current chunk (for the log line)
     self._stream, self._next_ctx, self._k, self._chunk = None, 0, None, None
-    self._forward = site_fn(self.cfg, self.site)
+    self._forward = lm_act.site_fn(self.cfg, self.site)
 
   def _contexts(self, first: int, count: int) -> list[np.ndarray]:
     """Contexts first … first+count−1 of the endlessly repeated packed text."""
     if self._stream is None or first < self._next_ctx:
-      self._stream, self._next_ctx = contexts(self.c, self.cfg, self.tokenizer), 0
+      self._stream, self._next_ctx = lm_act.contexts(self.c, self.cfg, self.tokenizer), 0
     out = []
     while len(out) < count:
       try:
@@ -287,7 +213,7 @@ class LiveSource:
         if self._next_ctx == 0:
           raise ValueError(f"text.source {self.c.text.source!r} yields no context of "
                            f"{self.c.lm.context_len} tokens") from None
-        self._stream = contexts(self.c, self.cfg, self.tokenizer)  # another pass over the text
+        self._stream = lm_act.contexts(self.c, self.cfg, self.tokenizer)  # another pass over the text
         continue
       if self._next_ctx >= first:
         out.append(tokens)
@@ -300,7 +226,7 @@ class LiveSource:
       ctx = self._contexts(k * count, count)
       rows = []
       for lo in range(0, count, per_batch):
-        rows += context_rows(self.c, self._forward, self.params, self.cfg,
+        rows += lm_act.context_rows(self.c, self._forward, self.params, self.cfg,
                              ctx[lo:lo + per_batch])
       self._k, self._chunk = k, data.ActivationSource(
           [np.concatenate(rows)], self.names, seed=(self.c.seed * 1_000_003 + k) % 2**63)

@@ -4,7 +4,6 @@ histograms, and progress bars with rate and ETA.
 Files in the run directory: metrics.jsonl (one line per logged step), histograms.jsonl (one
 line per histogram: step, name, bin edges and counts), tensorboard/ (event files), wandb_id.
 """
-import functools
 import json
 import math
 import os
@@ -15,12 +14,8 @@ import time
 import uuid
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-
-from jumprelu import arch as arch_lib
-from jumprelu import interop, sae, sharding
 
 HISTOGRAM_BINS = 64
 
@@ -131,40 +126,6 @@ class Progress:
 def progress(total: int | None, desc: str = "", unit: str = "it", **kw) -> Progress:
   """A progress bar for a loop of `total` units (harvesting, evaluation): update(n), close()."""
   return Progress(total, desc, unit, **kw)
-
-
-# ----------------------------------------------------------------------------- features
-
-@functools.partial(jax.jit, static_argnames=("arch", "k"))
-def firing_density(params: dict, x_BxD: jax.Array, scale=1.0, *, arch: str = "jumprelu",
-                   k: int | None = None) -> jax.Array:
-  """Fraction of the rows of x / scale on which each feature of an `arch` SAE fires [F]."""
-  f_BxF = arch_lib.features(params, x_BxD / scale, arch=arch, k=k)
-  return jnp.mean(f_BxF != 0, axis=0)
-
-
-def mean_firing_density(params: dict, batches, scale=1.0, *, arch: str = "jumprelu",
-                        k: int | None = None) -> np.ndarray:
-  """firing_density averaged over equal-sized batches, as float64 numpy [F] on every process."""
-  total_F, n = None, 0
-  for x_BxD in batches:
-    d_F = firing_density(params, x_BxD, scale, arch=arch, k=k)
-    total_F = d_F if total_F is None else total_F + d_F
-    n += 1
-  if n == 0:
-    raise ValueError("no batches to estimate the firing density from; set "
-                     "export.density_batches >= 1")
-  return np.asarray(sharding.to_host(total_F), np.float64) / n
-
-
-def feature_histograms(params: dict, x_BxD: jax.Array, scale=1.0, *, arch: str = "jumprelu",
-                       k: int | None = None) -> dict:
-  """Per-feature arrays worth a histogram: log10 firing density on this batch, and θ."""
-  density_F = sharding.to_host(firing_density(params, x_BxD, scale, arch=arch, k=k))
-  out = {"log10_firing_density": interop.log10_density(density_F)}
-  if arch == "jumprelu":
-    out["threshold"] = np.asarray(sharding.to_host(sae.threshold(params)), np.float32)
-  return out
 
 
 # ----------------------------------------------------------------------------- TensorBoard

@@ -158,18 +158,3 @@ def remove_parallel_grad(W_dec_FxD: jax.Array, grad_FxD: jax.Array) -> jax.Array
 def normalize_decoder(W_dec_FxD: jax.Array) -> jax.Array:
   """Rescales every dictionary direction (row of W_dec) to unit norm."""
   return W_dec_FxD / jnp.linalg.norm(W_dec_FxD, axis=-1, keepdims=True)
-
-
-def fold_normalization(params: dict, scale: float | jax.Array) -> dict:
-  """Params that act on raw activations, for a model trained on x / scale.
-
-  With x_n = x / C: π_raw = C·π_n, so b_enc, θ and b_dec are multiplied by C; W_enc and W_dec
-  are unchanged. Returns the Gemma Scope layout with an explicit `threshold`.
-  """
-  return {
-      "W_enc": params["W_enc"],
-      "b_enc": params["b_enc"] * scale,
-      "W_dec": params["W_dec"],
-      "b_dec": params["b_dec"] * scale,
-      "threshold": threshold(params) * scale,
-  }

@@ -1,18 +1,14 @@
-"""Training: the optimiser and schedules, the pure train step, and the host loop."""
-import json
+"""Training: the optimiser and schedules, the pure train step, and the host loop that fits an
+SAE (or a sweep's ensemble) to an activation source with checkpoints and metrics."""
 import math
-import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import struct
 
-from jumprelu import (arch, checkpoint, data, export, harvest, interop, logs, sae, sharding,
-                     sweep, validate)
+from jumprelu import arch, checkpoint, data, features, logs, sae, sharding, sweep
 from jumprelu import workdir as workdir_lib
 
 
@@ -171,60 +167,37 @@ def sharded_init(c, mesh, key, norm_scale, n_members: int = 0):
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-# ----------------------------------------------------------------------------- data
-
-def store_path(c, workdir: str | None) -> str:
-  """Where the activations are: data.path, or WORKDIR/activations for a harvested store."""
-  if c.data.path or c.data.source == "npy":
-    return c.data.path
-  return os.path.join(workdir, "activations")
-
-
-def make_source(c, workdir: str | None = None) -> tuple[data.ActivationSource, dict | None]:
-  """The configured activation source (width, and a harvested store's model and site, checked
-  against the config), and for synthetic data the ground truth: the true dictionary and L0."""
-  if c.data.source == "live":
-    source = harvest.LiveSource(c)
-    validate.check_width(c, source.d, source.names[0])
-    return source, None
-  if c.data.source in ("npy", "harvest"):
-    path = store_path(c, workdir)
-    manifest = data.read_manifest(path)
-    if manifest is not None:
-      harvest.check_store(c, manifest["spec"], path)
-    source = data.open_npy(path, seed=c.seed)
-    validate.check_width(c, source.d, path)
-    return source, None
-  s = c.data.synthetic
-  x, true_GxD, facts = data.synthetic(s.n_rows, c.data.d_in, s.n_features, s.mean_l0,
-                                      seed=s.seed, noise_std=s.noise_std)
-  truth = {"dictionary": true_GxD, "true_l0": facts["true_l0"]}
-  return data.ActivationSource([x], ["synthetic"], seed=c.seed), truth
-
-
 # ----------------------------------------------------------------------------- host loop
 
-Preempted = workdir_lib.Preempted  # raised after saving on a preemption notice (SIGTERM)
-EXIT_PREEMPTED = workdir_lib.EXIT_PREEMPTED  # the entry point's exit status then
+def fit(c, workdir: str, source, mesh) -> tuple[TrainState, dict]:
+  """Trains to train.num_steps from the newest checkpoint in `workdir` (else from scratch);
+  returns the final state and the last step's metrics.
 
-def train_and_evaluate(c, workdir: str) -> dict:
-  """Trains per config `c` in `workdir`, resuming from its newest checkpoint; returns a summary.
-
-  Raises Preempted after saving a checkpoint if a preemption notice (SIGTERM) arrives."""
-  validate.check_config(c)
-  mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
-  sharding.check_divisible(mesh, c.sae.width, c.train.batch_size)
-  source, truth = make_source(c, workdir)
-  workdir_lib.check_config(c, workdir)
-  logging.info("mesh %s over %d devices; data: %d rows of width %d", dict(mesh.shape),
-               mesh.size, source.n, source.d)
-
+  Raises workdir.Preempted after saving a checkpoint on a preemption notice (SIGTERM, Ctrl-C)."""
   members = sweep.grid(c)  # [] for one SAE
   if members:
     logging.info("sweep: %d %s SAEs trained as one vmapped ensemble: %s", len(members),
                  c.sae.arch, ", ".join(name for name, _ in members))
+  state, shardings, mngr = _restore_or_init(c, workdir, source, mesh, len(members))
+  start, num_steps = int(state.step), c.train.num_steps
+  workdir_lib.save_config(c, workdir)  # now that its checkpoint is known to fit
+  writer = logs.MetricWriter(workdir, start, num_steps, c.train.batch_size,
+                             tensorboard=c.log.tensorboard, wandb_project=c.log.wandb_project,
+                             config=c.to_dict(), progress=c.log.progress)
+  try:
+    state, last = _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members)
+  finally:
+    mngr.wait_until_finished()  # a save in flight completes even if training stops on an error
+    writer.close()
+  if not last:  # resumed from the final checkpoint (killed after it): reuse its logged metrics
+    last = workdir_lib.logged_metrics(workdir, num_steps)
+  return state, last
+
+
+def _restore_or_init(c, workdir, source, mesh, n_members):
+  """The newest intact checkpoint's state, or a fresh one with the input scale estimated."""
   key = jax.random.key(c.seed)
-  abstract = jax.eval_shape(lambda: init_state(c, key, 1.0, len(members)))
+  abstract = jax.eval_shape(lambda: init_state(c, key, 1.0, n_members))
   shardings = sharding.tree_shardings(mesh, abstract)
   mngr = checkpoint.manager(workdir, c.train.keep_checkpoints)
   state = checkpoint.restore_latest(mngr, checkpoint.abstract_like(abstract, shardings))
@@ -232,114 +205,95 @@ def train_and_evaluate(c, workdir: str) -> dict:
     norm_scale = math.sqrt(source.mean_sq_norm(c.data.norm_rows, c.data.skip_nonfinite)
                            ) if c.data.normalize else 1.0
     logging.info("input normalisation: x / %.6g (so E‖x‖² = 1)", norm_scale)
-    state, _ = sharded_init(c, mesh, key, norm_scale, len(members))
+    state, _ = sharded_init(c, mesh, key, norm_scale, n_members)
   else:
     logging.info("resumed from checkpoint at step %d", int(state.step))
-  start = int(state.step)
-  if start > c.train.num_steps:
-    raise ValueError(f"{workdir} holds a checkpoint at step {start}, past train.num_steps="
-                     f"{c.train.num_steps}; set --config.train.num_steps={start} or more, or use "
-                     "a new --workdir")
-  if jax.process_index() == 0:
-    export.save_json(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
-  is_main = jax.process_index() == 0
-  writer = logs.MetricWriter(workdir, start, c.train.num_steps, c.train.batch_size,
-                             tensorboard=c.log.tensorboard, wandb_project=c.log.wandb_project,
-                             config=c.to_dict(), progress=c.log.progress)
+  if int(state.step) > c.train.num_steps:
+    raise ValueError(f"{workdir} holds a checkpoint at step {int(state.step)}, past "
+                     f"train.num_steps={c.train.num_steps}; set --config.train.num_steps="
+                     f"{int(state.step)} or more, or use a new --workdir")
+  return state, shardings, mngr
 
-  step_fn = jit_train_step(c, mesh, shardings)
+
+def read_rows(c, source, mesh, step: int) -> tuple:
+  """(this process's rows of the batch at `step`, how many non-finite rows were replaced)."""
   lo, hi = sharding.process_rows(mesh, c.train.batch_size)
-  batch_size, num_steps, log_every = c.train.batch_size, c.train.num_steps, c.train.log_every
+  if not c.data.skip_nonfinite:
+    return source.batch(step, c.train.batch_size, lo, hi), 0
+  rows, replaced = source.batch_skipping_nonfinite(step, c.train.batch_size, lo, hi)
+  if replaced:
+    logging.warning("step %d: replaced %d non-finite activation rows (data.skip_nonfinite="
+                    "True): %s", step, len(replaced), ", ".join(replaced[:5]))
+  return rows, len(replaced)
 
-  def read(step):  # -> (this process's rows, how many non-finite rows were replaced)
-    if not c.data.skip_nonfinite:
-      return source.batch(step, batch_size, lo, hi), 0
-    rows, replaced = source.batch_skipping_nonfinite(step, batch_size, lo, hi)
-    if replaced:
-      logging.warning("step %d: replaced %d non-finite activation rows (data.skip_nonfinite="
-                      "True): %s", step, len(replaced), ", ".join(replaced[:5]))
-    return rows, len(replaced)
 
+def global_batch(c, source, mesh, step: int) -> jax.Array:
+  """The batch at `step`, laid out over the mesh (every process reads its own rows)."""
+  return sharding.global_batch(mesh, read_rows(c, source, mesh, step)[0], c.train.batch_size)
+
+
+def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
+  """Steps to train.num_steps. Step s+1 is dispatched before step s's metrics are read, so the
+  host never waits on the device between steps; a checkpoint is saved only after its loss was
+  checked."""
+  step_fn = jit_train_step(c, mesh, shardings)
+  start, num_steps = int(state.step), c.train.num_steps
+
+  def to_devices(step):  # on the prefetch thread
+    rows, replaced = read_rows(c, source, mesh, step)
+    return sharding.global_batch(mesh, rows, c.train.batch_size), replaced
+
+  log_every = c.train.log_every
   # Rows replaced since the last metrics line; a resumed run recounts the steps it skips over.
-  n_replaced = sum(read(s)[1] for s in range(start - start % log_every, start)
-                   ) if c.data.skip_nonfinite else 0
-  last = {}
-  t0 = time.time()
-
-  def finish(step, metrics, replaced):  # reads step's metrics while the next step already runs
-    nonlocal last, n_replaced
-    m = _host_metrics(jax.device_get(metrics), members)
-    bad = [k for k, v in m.items() if k.split("/")[0] == "loss" and not math.isfinite(v)]
-    if bad:
-      raise FloatingPointError(
-          f"non-finite loss ({', '.join(f'{k} = {m[k]}' for k in bad)}) at step {step}; training "
-          "stopped (the last checkpoint is intact). Lower optim.learning_rate or check the "
-          "activations")
-    last = {"step": step + 1, **m}
-    writer.advance(step + 1)
-    n_replaced += replaced
-    if (step + 1) % log_every == 0 or step + 1 == num_steps:
-      if c.data.skip_nonfinite:
-        m["nonfinite_rows"] = workdir_lib.process_sum(n_replaced)
-        n_replaced = 0
-      writer.write(step + 1, m)
-
-  def to_devices(step):  # on the prefetch thread: read step's rows and put them on the devices
-    rows, replaced = read(step)
-    return sharding.global_batch(mesh, rows, batch_size), replaced
-
+  replaced_since_log = sum(read_rows(c, source, mesh, s)[1] for s in range(
+      start - start % log_every, start)) if c.data.skip_nonfinite else 0
+  last, pending = {}, None
   preempted, stop_listening = workdir_lib.preemption_notice()
   batches = data.Prefetch(to_devices, range(start, num_steps), c.train.prefetch)
   try:
-    pending = None
     for step in range(start, num_steps):
       x, replaced = next(batches)
       state, metrics = step_fn(state, x)
       if c.log.histogram_every and (step + 1) % c.log.histogram_every == 0:
         writer.histograms(step + 1, _histograms(c, members, state, x))
       if pending is not None:
-        finish(*pending)
-      pending = (step, metrics, replaced)
+        last = _record(c, writer, members, *pending)
+      replaced_since_log += replaced
+      pending = (step, metrics, replaced_since_log)
+      if (step + 1) % log_every == 0:
+        replaced_since_log = 0
       stop = preempted(step + 1)  # every process calls this at every step
       if stop or (step + 1) % c.train.checkpoint_every == 0 or step + 1 == num_steps:
-        finish(*pending)  # never checkpoint a state whose loss was not checked
-        pending = None
+        last, pending = _record(c, writer, members, *pending), None
         checkpoint.save(mngr, step + 1, state)
       if stop:
         mngr.wait_until_finished()
-        writer.close()
-        raise Preempted(f"preemption notice (SIGTERM): saved a checkpoint at step {step + 1} of "
-                        f"{num_steps} in {workdir} and stopped; rerun the same command to resume")
+        raise workdir_lib.Preempted(
+            f"preemption notice (SIGTERM): saved a checkpoint at step {step + 1} of {num_steps} "
+            f"in {workdir} and stopped; rerun the same command to resume")
     if pending is not None:
-      finish(*pending)
+      last = _record(c, writer, members, *pending)
   finally:
     batches.close()
     stop_listening()
-    mngr.wait_until_finished()  # a save in flight completes even if training stops on an error
-  writer.close()
-  if not last:  # resumed from the final checkpoint (killed after it): reuse its logged metrics
-    last = workdir_lib.logged_metrics(workdir, num_steps)
+  return state, last
 
-  base = {"steps": num_steps, "tokens": num_steps * batch_size, "seconds": time.time() - t0}
-  # Firing densities on batches past the last step, shared by every member; every process reads.
-  density_batches = [sharding.global_batch(mesh, read(num_steps + k)[0], batch_size)
-                     for k in range(c.export.density_batches)] if c.export.saelens else []
-  store = store_path(c, workdir)
-  manifest = data.read_manifest(store)  # a harvested store's: model, hook and context length
-  if not members:
-    return _export_run(c, workdir, state, {**base, "final": last}, truth, density_batches,
-                       manifest)
-  summary = {**base, "members": {}}
-  for i, (name, hp) in enumerate(members):
-    mc, mdir = sweep.member_config(c, hp, store), sweep.member_dir(workdir, name)
-    mstate = member_state(state, i)
-    _save_member(mc, workdir, mdir, name, mstate)
-    summary["members"][name] = _export_run(
-        mc, mdir, mstate, {**base, "final": sweep.split_metrics(last, name)}, truth,
-        density_batches, manifest)
-  if is_main:
-    export.save_json(os.path.join(workdir, "summary.json"), summary)
-  return summary
+
+def _record(c, writer, members, step, metrics, replaced_since_log) -> dict:
+  """Reads step's metrics (the next step already runs), stops on a non-finite loss, logs."""
+  m = _host_metrics(jax.device_get(metrics), members)
+  bad = [k for k, v in m.items() if k.split("/")[0] == "loss" and not math.isfinite(v)]
+  if bad:
+    raise FloatingPointError(
+        f"non-finite loss ({', '.join(f'{k} = {m[k]}' for k in bad)}) at step {step}; training "
+        "stopped (the last checkpoint is intact). Lower optim.learning_rate or check the "
+        "activations")
+  writer.advance(step + 1)
+  if (step + 1) % c.train.log_every == 0 or step + 1 == c.train.num_steps:
+    if c.data.skip_nonfinite:
+      m["nonfinite_rows"] = workdir_lib.process_sum(replaced_since_log)
+    writer.write(step + 1, m)
+  return {"step": step + 1, **{k: v for k, v in m.items() if k != "nonfinite_rows"}}
 
 
 def _host_metrics(metrics: dict, members) -> dict:
@@ -352,53 +306,11 @@ def _host_metrics(metrics: dict, members) -> dict:
 
 def _histograms(c, members, state: TrainState, x_BxD) -> dict:
   if not members:
-    return logs.feature_histograms(state.params, x_BxD, state.norm_scale, arch=c.sae.arch,
-                                   k=c.sae.k)
+    return features.feature_histograms(state.params, x_BxD, state.norm_scale, arch=c.sae.arch,
+                                       k=c.sae.k)
   out = {}
   for i, (name, hp) in enumerate(members):
-    arrays = logs.feature_histograms(sweep.take(state.params, i), x_BxD, state.norm_scale,
-                                     arch=c.sae.arch, k=hp["k"])
+    arrays = features.feature_histograms(sweep.take(state.params, i), x_BxD, state.norm_scale,
+                                         arch=c.sae.arch, k=hp["k"])
     out.update({f"{k}/{name}": v for k, v in arrays.items()})
   return out
-
-
-def _save_member(mc, workdir: str, mdir: str, name: str, mstate: TrainState) -> None:
-  """Makes WORKDIR/members/NAME a finished run of its own: its config, its final checkpoint
-  (restorable by train.py with that config) and its lines of the ensemble's metrics."""
-  if jax.process_index() == 0:
-    export.save_json(os.path.join(mdir, "config.json"), json.loads(mc.to_json_best_effort()))
-    records = []
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-      with open(path) as fh:
-        records = [sweep.split_metrics(json.loads(line), name) for line in fh if line.strip()]
-    export.save_jsonl(os.path.join(mdir, "metrics.jsonl"), records)
-  mngr = checkpoint.manager(mdir, mc.train.keep_checkpoints)
-  if mngr.latest_step() != int(mstate.step):  # not already saved by an earlier, resumed call
-    checkpoint.save(mngr, int(mstate.step), mstate)
-  mngr.wait_until_finished()
-
-
-def _export_run(c, workdir: str, state: TrainState, summary: dict, truth, density_batches,
-                manifest) -> dict:
-  """Writes WORKDIR/export/params.npz (raw units), the SAELens folder and summary.json."""
-  norm_scale = float(sharding.to_host(state.norm_scale))
-  summary["norm_scale"] = norm_scale
-  if truth is not None:
-    summary["true_l0"] = truth["true_l0"]
-    summary["dictionary_recovery"] = data.dictionary_recovery(
-        np.asarray(sharding.to_host(state.params["W_dec"])), truth["dictionary"])
-    logging.info("%s: synthetic ground truth: L0 %.2f (true %.2f), dictionary recovery %.3f "
-                 "(mean best cosine)", workdir, summary["final"].get("l0", float("nan")),
-                 truth["true_l0"], summary["dictionary_recovery"])
-  params = arch.raw_params(c.sae.arch, sharding.to_host(state.params), norm_scale, c.sae.k)
-  if c.export.saelens:
-    density_F = logs.mean_firing_density(state.params, density_batches, state.norm_scale,
-                                         arch=c.sae.arch, k=c.sae.k)
-  if jax.process_index() == 0:
-    export.save_npz(os.path.join(workdir, "export", "params.npz"), params)
-    if c.export.saelens:  # a harvested store's manifest supplies model, hook and context
-      interop.save_saelens_for_run(c, os.path.join(workdir, "export", "saelens"), params,
-                                   density_F, norm_scale, manifest)
-    export.save_json(os.path.join(workdir, "summary.json"), summary)
-  return summary

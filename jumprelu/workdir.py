@@ -1,5 +1,5 @@
-"""The run directory: which config a run in it was started with, what it holds, and stopping
-for a preemption notice. Used by train.train_and_evaluate."""
+"""The run directory: which config a run in it was started with, what it holds and where its
+activations are, and stopping for a preemption notice."""
 import json
 import os
 import shutil
@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+
+from jumprelu import data, files
 
 # Keys a resumed run may change: longer runs, other logging, another mesh (checkpoints restore
 # onto any mesh), the bad-data policy (so a run stopped by a bad row can go on with
@@ -40,10 +42,31 @@ def flat(d: dict, prefix="") -> dict:
   return out
 
 
+def store_path(c, workdir: str | None) -> str:
+  """Where the activations are: data.path, or WORKDIR/activations for a harvested store."""
+  if c.data.path or c.data.source == "npy":
+    return c.data.path
+  return os.path.join(workdir, "activations")
+
+
+def contexts_used(c, workdir: str | None) -> int:
+  """How many contexts of the packed text training saw (held-out evaluation starts after)."""
+  if c.data.source == "live":
+    return -(-c.train.num_steps // c.data.live_chunk_steps) * c.data.live_chunk_contexts
+  manifest = data.read_manifest(store_path(c, workdir)) if workdir else None
+  return 0 if manifest is None else manifest["next_context"] + 1
+
+
+def save_config(c, workdir: str) -> None:
+  """DIR/config.json: what check_config compares a later run with (and evaluate.py reads)."""
+  if jax.process_index() == 0:
+    files.save_json(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
+
+
 def check_config(c, workdir: str) -> None:
   """Refuses to continue a run in `workdir` that was started with a different (or unknown)
   config, unless train.overwrite=True, which deletes that run's outputs first. (config.json is
-  written by train_and_evaluate once its checkpoint is known to fit.)"""
+  written by save_config once its checkpoint is known to fit.)"""
   path = os.path.join(workdir, "config.json")
   new = flat(json.loads(c.to_json_best_effort()))
   problem = None

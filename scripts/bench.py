@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from jumprelu import data, sae, sharding, train  # noqa: E402
+from jumprelu import run as run_lib  # noqa: E402
 
 SHAPES = {"cpu": (576, 16384), "gemma2": (2304, 16384), "gemma9": (3584, 131072)}
 # Dense peak TFLOP/s per chip, for the "of peak" column: (float32 matmul, bfloat16).
@@ -232,7 +233,7 @@ def precision_study(steps: int):
     c.log.tensorboard, c.log.progress, c.export.saelens = False, False, False
     with tempfile.TemporaryDirectory() as tmp:
       t0 = time.perf_counter()
-      summary = train.train_and_evaluate(c, tmp)
+      summary = run_lib.train_and_evaluate(c, tmp)
       seconds = time.perf_counter() - t0
     m = summary["final"]
     rows.append((impl, dtype, m["loss"], m["l0"], m["fvu"], summary["dictionary_recovery"],

@@ -16,6 +16,7 @@ import statistics
 import time
 
 from absl import app, flags
+from jumprelu.lm import activations as lm_act
 
 _SITE = flags.DEFINE_string("site", "resid_post.14", "Hook site.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Contexts per forward.")
@@ -44,17 +45,16 @@ def main(argv):
   import transformers
 
   from configs import smollm2_135m
-  from jumprelu import harvest
   from jumprelu.lm import load, model
 
   c = smollm2_135m.get_config()
   c.lm.site, c.lm.context_len = _SITE.value, _CONTEXT.value
-  params, cfg, tok, _ = harvest.load_lm(c)
+  params, cfg, tok, _ = lm_act.load_lm(c)
   site = model.parse_site(c.lm.site)
-  tokens = np.stack(list(itertools.islice(harvest.contexts(c, cfg, tok), _BATCH.value)))
+  tokens = np.stack(list(itertools.islice(lm_act.contexts(c, cfg, tok), _BATCH.value)))
   n_tokens = tokens.size
 
-  ours = harvest.site_fn(cfg, site)
+  ours = lm_act.site_fn(cfg, site)
   t_ours = _median_seconds(lambda: np.asarray(ours(params, tokens)), _REPEATS.value)
 
   folder, name = os.path.split(load.default_model_path())

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import arch, baselines, interop, sae, train
+from jumprelu import arch, baselines, export, run, sae
 from tests.conftest import tiny
 
 ARCH_OVERRIDES = {
@@ -31,7 +31,7 @@ def test_raw_export_acts_on_raw_activations(a):
   """Trained on x / C, exported for x: features scale by C, reconstructions are C·x̂(x / C)."""
   c, p = _trained_params(a)
   scale = 3.7
-  raw = arch.raw_params(a, p, scale, c.sae.k)
+  raw = export.raw_params(a, p, scale, c.sae.k)
   name, k, arrays = arch.split_raw(raw)
   assert name == a and (k == 4 if a == "topk" else k is None)
   x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32) * scale
@@ -48,15 +48,15 @@ def test_each_architecture_trains_and_exports(tmp_path, a):
   c = tiny(**{"sae.arch": a, "train.num_steps": 60, "train.log_every": 20,
               "optim.lr_warmup_steps": 10, "optim.sparsity_warmup_steps": 10,
               "optim.learning_rate": 3e-3, **ARCH_OVERRIDES[a]})
-  train.train_and_evaluate(c, str(tmp_path))
+  run.train_and_evaluate(c, str(tmp_path))
   lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert lines[-1]["fvu"] < 0.7 * lines[0]["fvu"], lines  # it learns to reconstruct
   assert ("in_window" in lines[-1]) == (a == "jumprelu") and ("auxk" in lines[-1]) == (a == "topk")
   if a == "topk":
     assert all(r["l0"] <= 4 for r in lines)
-  npz = interop.load(str(tmp_path / "export" / "params.npz"))
-  folder, cfg = interop.load_saelens(str(tmp_path / "export" / "saelens"))
-  assert cfg["architecture"] == interop.SAELENS_ARCH[a] and arch.name_of(npz) == a
+  npz = export.load(str(tmp_path / "export" / "params.npz"))
+  folder, cfg = export.load_saelens(str(tmp_path / "export" / "saelens"))
+  assert cfg["architecture"] == export.SAELENS_ARCH[a] and arch.name_of(npz) == a
   assert sorted(folder) == sorted(npz)
   for key in npz:
     np.testing.assert_array_equal(folder[key], npz[key])
@@ -68,9 +68,9 @@ def test_saelens_files_use_its_names_and_flags(tmp_path):
   from safetensors.numpy import load_file
   for a in ("relu", "gated", "topk"):
     c, p = _trained_params(a)
-    raw = arch.raw_params(a, p, 2.0, c.sae.k)
+    raw = export.raw_params(a, p, 2.0, c.sae.k)
     d = tmp_path / a
-    interop.save_saelens(str(d), raw, model_name="m", hook_name="blocks.1.hook_resid_post",
+    export.save_saelens(str(d), raw, model_name="m", hook_name="blocks.1.hook_resid_post",
                          context_size=8, dataset_path="t", density_F=np.full(64, 0.01))
     cfg = json.load(open(d / "cfg.json"))
     weights = load_file(str(d / "sae_weights.safetensors"))
@@ -86,13 +86,13 @@ def test_saelens_files_use_its_names_and_flags(tmp_path):
 def test_saelens_standard_sae_with_b_dec_on_input_is_folded(tmp_path):
   """A SAELens standard SAE that encodes x − b_dec loads as one that encodes x."""
   _, p = _trained_params("relu")
-  raw = arch.raw_params("relu", p, 1.0)
-  interop.save_saelens(str(tmp_path), raw, model_name="m", hook_name="h", context_size=8,
+  raw = export.raw_params("relu", p, 1.0)
+  export.save_saelens(str(tmp_path), raw, model_name="m", hook_name="h", context_size=8,
                        dataset_path="t")
   cfg = json.load(open(tmp_path / "cfg.json"))
   cfg["apply_b_dec_to_input"] = True
   json.dump(cfg, open(tmp_path / "cfg.json", "w"))
-  loaded, _ = interop.load_saelens(str(tmp_path))
+  loaded, _ = export.load_saelens(str(tmp_path))
   x = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
   expected = np.maximum((x - raw["b_dec"]) @ raw["W_enc"] + raw["b_enc"], 0)
   np.testing.assert_allclose(arch.features(arch.split_raw(loaded)[2], x, arch="relu"), expected,
@@ -115,4 +115,4 @@ def test_unknown_architecture_in_a_file_is_named(tmp_path):
   path = str(tmp_path / "params.npz")
   np.savez(path, W_enc=np.zeros((2, 4)), architecture=np.asarray("topk"))
   with pytest.raises(KeyError, match="lacks .*'b_enc'.*a topk export has"):
-    interop.load(path)
+    export.load(path)

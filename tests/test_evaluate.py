@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from jumprelu import evaluate, harvest
+from jumprelu import evaluate
+from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 from tests.conftest import tiny
 from tests.tiny_lm import tiny_lm
@@ -106,8 +107,8 @@ def test_jumprelu_threshold_distribution_and_ste_window(setup):
   assert r["threshold_quantiles"]["0"] == pytest.approx(0.05) and r["threshold_mean"] == (
       pytest.approx(0.275))
   # The same fraction from the site's activations, computed here with numpy.
-  forward = harvest.site_fn(lm[1], model.parse_site(c.lm.site))
-  x = np.concatenate(harvest.context_rows(c, forward, lm[0], lm[1], list(contexts)))
+  forward = lm_act.site_fn(lm[1], model.parse_site(c.lm.site))
+  x = np.concatenate(lm_act.context_rows(c, forward, lm[0], lm[1], list(contexts)))
   pre = np.maximum(x @ p["W_enc"] + p["b_enc"], 0)
   expected = np.mean(np.abs(pre - p["threshold"]) < half_window)
   assert len(x) == r["tokens"]

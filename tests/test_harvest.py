@@ -2,12 +2,12 @@
 import json
 import os
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-from jumprelu import data, harvest, train
+from jumprelu import data, harvest, run
+from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 from tests.conftest import tiny
 from tests.tiny_lm import tiny_lm
@@ -38,11 +38,11 @@ def test_store_holds_the_site_activations_of_ordinary_tokens(tmp_path, lm):
   stored = _read_store(tmp_path)
 
   params, cfg, tok, _ = lm
-  stream = harvest.contexts(c, cfg, tok)
+  stream = lm_act.contexts(c, cfg, tok)
   ctx = np.stack([next(stream) for _ in range(manifest["next_context"] + 1)])
   assert (ctx[:, 0] == cfg.bos_id).all()
   _, acts = model.forward(params, cfg, ctx, site=model.parse_site("resid_post.1"))
-  keep = harvest.keep_mask(cfg, ctx)
+  keep = lm_act.keep_mask(cfg, ctx)
   assert not keep[:, 0].any() and not keep[ctx == cfg.eos_id].any()
   expected = np.asarray(acts)[keep][:700]
   np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5)
@@ -128,7 +128,7 @@ def test_mismatched_store_is_refused(tmp_path, lm, overrides, message):
     harvest.harvest(config(**overrides), str(tmp_path / "activations"), lm)
   if "lm.site" in overrides or "harvest.dtype" in overrides:  # training refuses it too
     with pytest.raises(ValueError, match=message):
-      train.make_source(config(**overrides), str(tmp_path))
+      run.make_source(config(**overrides), str(tmp_path))
 
 
 def test_width_mismatch_is_refused_before_the_lm_runs(tmp_path, lm):
@@ -140,7 +140,7 @@ def test_width_mismatch_is_refused_before_the_lm_runs(tmp_path, lm):
 def test_skip_positions_drops_the_first_tokens_after_bos(lm):
   _, cfg, _, _ = lm
   tokens = np.array([[1, 5, 6, 7, 2, 8, 9], [1, 5, 2, 7, 8, 9, 10]])
-  np.testing.assert_array_equal(harvest.keep_mask(cfg, tokens), [
+  np.testing.assert_array_equal(lm_act.keep_mask(cfg, tokens), [
       [0, 1, 1, 1, 0, 1, 1], [0, 1, 0, 1, 1, 1, 1]])
-  np.testing.assert_array_equal(harvest.keep_mask(cfg, tokens, skip_positions=2), [
+  np.testing.assert_array_equal(lm_act.keep_mask(cfg, tokens, skip_positions=2), [
       [0, 0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1]])

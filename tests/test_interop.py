@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jumprelu import data, export, interop, sae, train
+from jumprelu import data, export, files, run, sae
 from tests.conftest import tiny
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "saelens_jumprelu")
@@ -32,9 +32,9 @@ def _synthetic_x(n=512, d=16):
 def test_saelens_round_trip_reproduces_encode_decode(tmp_path):
   """Export (fold C, write SAELens) then import: encode/decode of raw x agree to 1e-6."""
   p, scale, x = _trained_like_params(), 3.7, _synthetic_x()
-  raw = export.raw_params(p, scale)
-  interop.save_saelens(str(tmp_path), raw, **META)
-  loaded, cfg = interop.load_saelens(str(tmp_path))
+  raw = export.raw_params("jumprelu", p, scale)
+  export.save_saelens(str(tmp_path), raw, **META)
+  loaded, cfg = export.load_saelens(str(tmp_path))
   assert cfg["metadata"]["hook_name"] == META["hook_name"]
 
   f_ref, _ = sae.encode(p, x / scale, bandwidth=0.001)  # the model as trained, in its own units
@@ -50,9 +50,9 @@ def test_saelens_round_trip_reproduces_encode_decode(tmp_path):
 
 def test_saelens_files_match_the_documented_keys_shapes_and_dtypes(tmp_path):
   d, f = 16, 64
-  raw = export.raw_params(_trained_like_params(d, f), 2.0)
+  raw = export.raw_params("jumprelu", _trained_like_params(d, f), 2.0)
   density_F = np.linspace(0.0, 0.3, f)
-  interop.save_saelens(str(tmp_path), raw, density_F=density_F, **META)
+  export.save_saelens(str(tmp_path), raw, density_F=density_F, **META)
   assert sorted(os.listdir(tmp_path)) == ["cfg.json", "sae_weights.safetensors",
                                           "sparsity.safetensors"]
   cfg = json.load(open(tmp_path / "cfg.json"))
@@ -71,31 +71,31 @@ def test_saelens_files_match_the_documented_keys_shapes_and_dtypes(tmp_path):
   assert list(sparsity) == ["sparsity"] and sparsity["sparsity"].dtype == np.float32
   np.testing.assert_allclose(sparsity["sparsity"], np.log10(density_F + 1e-10), rtol=1e-6)
   assert sparsity["sparsity"][0] == pytest.approx(-10.0)  # never fired: log10(1e-10)
-  np.testing.assert_allclose(interop.load_saelens_density(str(tmp_path)), density_F, atol=1e-7)
+  np.testing.assert_allclose(export.load_saelens_density(str(tmp_path)), density_F, atol=1e-7)
 
 
 def test_loads_a_folder_that_saelens_wrote():
   """tests/data/saelens_jumprelu was written by SAELens 6 (make.py there), with SAELens's
   default apply_b_dec_to_input=True; our encode/decode must match SAELens's own outputs."""
-  params, cfg = interop.load_saelens(FIXTURE)
+  params, cfg = export.load_saelens(FIXTURE)
   io = np.load(os.path.join(FIXTURE, "io.npz"))
   assert cfg["apply_b_dec_to_input"] is True
   f, _ = sae.encode(params, io["x"], bandwidth=0.001)
   np.testing.assert_array_equal(np.asarray(f) > 0, io["f"] > 0)
   np.testing.assert_allclose(f, io["f"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(sae.decode(params, f), io["x_hat"], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(interop.load_saelens_density(FIXTURE), np.linspace(0, 0.5, 32),
+  np.testing.assert_allclose(export.load_saelens_density(FIXTURE), np.linspace(0, 0.5, 32),
                              atol=1e-6)
-  np.testing.assert_array_equal(interop.load(FIXTURE)["b_enc"], params["b_enc"])
+  np.testing.assert_array_equal(export.load(FIXTURE)["b_enc"], params["b_enc"])
 
 
 def test_gemma_scope_params_npz_loads_in_both_spellings(tmp_path):
-  raw = export.raw_params(_trained_like_params(), 1.5)
-  export.save_npz(str(tmp_path / "a" / "params.npz"), raw)
+  raw = export.raw_params("jumprelu", _trained_like_params(), 1.5)
+  files.save_npz(str(tmp_path / "a" / "params.npz"), raw)
   os.makedirs(tmp_path / "b")
   np.savez(tmp_path / "b" / "params.npz", **{k.replace("W_", "w_"): v for k, v in raw.items()})
   for path in (tmp_path / "a" / "params.npz", tmp_path / "a", tmp_path / "b" / "params.npz"):
-    loaded = interop.load(str(path))
+    loaded = export.load(str(path))
     for k in export.GEMMA_SCOPE_KEYS:
       np.testing.assert_array_equal(loaded[k], raw[k])
   x = _synthetic_x()
@@ -104,10 +104,10 @@ def test_gemma_scope_params_npz_loads_in_both_spellings(tmp_path):
 
 
 def test_refusals_say_what_to_do(tmp_path):
-  raw = export.raw_params(_trained_like_params(), 1.0)
-  with pytest.raises(KeyError, match=r"arch.raw_params"):
-    interop.save_saelens(str(tmp_path / "x"), {"W_enc": raw["W_enc"]}, **META)
-  interop.save_saelens(str(tmp_path / "s"), raw, **META)
+  raw = export.raw_params("jumprelu", _trained_like_params(), 1.0)
+  with pytest.raises(KeyError, match=r"export.raw_params"):
+    export.save_saelens(str(tmp_path / "x"), {"W_enc": raw["W_enc"]}, **META)
+  export.save_saelens(str(tmp_path / "s"), raw, **META)
   cfg = json.load(open(tmp_path / "s" / "cfg.json"))
   for change, message in (({"architecture": "batchtopk"}, "architecture 'batchtopk'"),
                           ({"architecture": "topk"}, "a topk SAE must give k, an int; got None"),
@@ -115,48 +115,48 @@ def test_refusals_say_what_to_do(tmp_path):
     with open(tmp_path / "s" / "cfg.json", "w") as fh:
       json.dump({**cfg, **change}, fh)
     with pytest.raises(ValueError, match=message):
-      interop.load_saelens(str(tmp_path / "s"))
+      export.load_saelens(str(tmp_path / "s"))
   with pytest.raises(FileNotFoundError, match="neither cfg.json"):
-    interop.load(str(tmp_path))
+    export.load(str(tmp_path))
   bad = {k: v for k, v in raw.items() if k != "threshold"}
   save_file(bad, str(tmp_path / "s" / "sae_weights.safetensors"))
   with open(tmp_path / "s" / "cfg.json", "w") as fh:
     json.dump(cfg, fh)
   with pytest.raises(KeyError, match="lacks \\['threshold'\\]"):
-    interop.load_saelens(str(tmp_path / "s"))
+    export.load_saelens(str(tmp_path / "s"))
 
 
 def test_training_writes_the_saelens_folder_with_firing_densities(tmp_path):
   c = tiny(**{"export.model_name": "synthetic", "export.hook_name": "blocks.0.hook_resid_post",
               "export.density_batches": 3})
-  train.train_and_evaluate(c, str(tmp_path))
+  run.train_and_evaluate(c, str(tmp_path))
   out = tmp_path / "export" / "saelens"
-  params, cfg = interop.load_saelens(str(out))
-  npz = interop.load_gemma_scope(str(tmp_path / "export" / "params.npz"))
+  params, cfg = export.load_saelens(str(out))
+  npz = export.load_gemma_scope(str(tmp_path / "export" / "params.npz"))
   for k in export.GEMMA_SCOPE_KEYS:
     np.testing.assert_array_equal(params[k], npz[k])
   assert cfg["metadata"]["model_name"] == "synthetic"
   assert cfg["metadata"]["normalization_scale"] > 1.0
   # The densities were measured on the 3 batches that follow the last training step.
-  source = train.make_source(c)[0]
+  source = run.make_source(c)[0]
   x = np.concatenate([source.batch(c.train.num_steps + k, c.train.batch_size) for k in range(3)])
   f, _ = sae.encode(params, x, bandwidth=c.sae.bandwidth)
-  np.testing.assert_allclose(interop.load_saelens_density(str(out)),
+  np.testing.assert_allclose(export.load_saelens_density(str(out)),
                              np.mean(np.asarray(f) > 0, axis=0), atol=1e-6)
 
 
 def test_run_metadata_comes_from_the_config_or_else_the_harvested_store(tmp_path):
-  raw = export.raw_params(_trained_like_params(), 1.0)
+  raw = export.raw_params("jumprelu", _trained_like_params(), 1.0)
   manifest = {"spec": {"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "context_len": 128,
                        "hook_name": "blocks.14.hook_resid_post", "text": "stdlib:"}}
-  interop.save_saelens_for_run(tiny(), str(tmp_path / "a"), raw, None, 2.0, manifest)
+  export.save_saelens_for_run(tiny(), str(tmp_path / "a"), raw, None, 2.0, manifest)
   meta = json.load(open(tmp_path / "a" / "cfg.json"))["metadata"]
   assert (meta["model_name"], meta["hook_name"], meta["context_size"], meta["dataset_path"]) == (
       "SmolLM2-135M-Instruct.Q4_1.gguf", "blocks.14.hook_resid_post", 128, "stdlib:")
   assert meta["normalization_scale"] == 2.0
   c = tiny(**{"export.model_name": "gemma-2-9b", "export.hook_name": "blocks.20.hook_resid_post",
               "export.context_size": 1024, "export.dataset_path": "monology/pile-uncopyrighted"})
-  interop.save_saelens_for_run(c, str(tmp_path / "b"), raw, None, 2.0, manifest)
+  export.save_saelens_for_run(c, str(tmp_path / "b"), raw, None, 2.0, manifest)
   meta = json.load(open(tmp_path / "b" / "cfg.json"))["metadata"]
   assert (meta["model_name"], meta["hook_name"], meta["context_size"], meta["dataset_path"]) == (
       "gemma-2-9b", "blocks.20.hook_resid_post", 1024, "monology/pile-uncopyrighted")

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from jumprelu import data, harvest, train
+from jumprelu import data, harvest, run
+from jumprelu.lm import activations as lm_act
 from tests.conftest import tiny
 from tests.tiny_lm import tiny_lm
 
@@ -34,11 +35,11 @@ def test_batches_are_pure_and_come_from_the_lm(tmp_path, lm):
 
 
 def test_live_training_resumes_exactly(tmp_path, lm, monkeypatch):
-  monkeypatch.setattr(harvest, "load_lm", lambda c: lm)
+  monkeypatch.setattr(lm_act, "load_lm", lambda c: lm)
   c = config(**{"train.num_steps": 10, "train.checkpoint_every": 4})
-  whole = train.train_and_evaluate(c, str(tmp_path / "whole"))
+  whole = run.train_and_evaluate(c, str(tmp_path / "whole"))
   c.train.num_steps = 6  # stops after the checkpoint at 4 and two more steps ...
-  train.train_and_evaluate(c, str(tmp_path / "cut"))
+  run.train_and_evaluate(c, str(tmp_path / "cut"))
   c.train.num_steps = 10  # ... and is extended to 10 from the checkpoint at 6
-  cut = train.train_and_evaluate(c, str(tmp_path / "cut"))
+  cut = run.train_and_evaluate(c, str(tmp_path / "cut"))
   assert cut["final"] == whole["final"]

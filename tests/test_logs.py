@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jumprelu import logs, sae, sharding, train, validate
+from jumprelu import features, logs, run, sae, sharding, train, validate
 from tests.conftest import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def test_tensorboard_reads_our_event_files_and_purges_on_resume(tmp_path):
 def test_histograms_jsonl_and_feature_statistics(tmp_path):
   p = sae.init(jax.random.key(0), 8, 32, threshold_init=0.2)
   x = np.asarray(jax.random.normal(jax.random.key(1), (256, 8)))
-  arrays = logs.feature_histograms(p, 2.0 * x, 2.0)
+  arrays = features.feature_histograms(p, 2.0 * x, 2.0)
   pre = np.asarray(sae.pre_activations(p, x))
   np.testing.assert_allclose(10 ** arrays["log10_firing_density"] - 1e-10,
                              np.mean(pre > 0.2, axis=0), rtol=1e-5, atol=1e-7)
@@ -91,7 +91,7 @@ def test_histograms_jsonl_and_feature_statistics(tmp_path):
 
 
 def test_training_logs_histograms_and_tensorboard_at_intervals(tmp_path):
-  train.train_and_evaluate(tiny(**{"log.histogram_every": 4}), str(tmp_path / "a"))
+  run.train_and_evaluate(tiny(**{"log.histogram_every": 4}), str(tmp_path / "a"))
   lines = [json.loads(l) for l in open(tmp_path / "a" / "histograms.jsonl")]
   assert [(l["step"], l["name"]) for l in lines] == [
       (s, n) for s in (4, 8, 12) for n in ("log10_firing_density", "threshold")]
@@ -99,7 +99,7 @@ def test_training_logs_histograms_and_tensorboard_at_intervals(tmp_path):
   (events,) = os.listdir(tmp_path / "a" / "tensorboard")
   # file version, metrics at 3 steps, 2 histograms at each
   assert len(_records(tmp_path / "a" / "tensorboard" / events)) == 1 + 3 + 6
-  train.train_and_evaluate(tiny(**{"log.tensorboard": False, "log.histogram_every": 0}),
+  run.train_and_evaluate(tiny(**{"log.tensorboard": False, "log.histogram_every": 0}),
                            str(tmp_path / "b"))
   assert not os.path.exists(tmp_path / "b" / "tensorboard")
   assert not os.path.exists(tmp_path / "b" / "histograms.jsonl")
@@ -109,9 +109,9 @@ def test_firing_density_on_a_sharded_mesh_matches_one_device():
   c = tiny(**{"mesh.data": 2, "mesh.model": 4})
   mesh = sharding.make_mesh(2, 4)
   state, _ = train.sharded_init(c, mesh, jax.random.key(0), 1.5)
-  x = train.make_source(c)[0].batch(0, c.train.batch_size)
-  expected = logs.mean_firing_density(jax.device_get(state.params), [x, 2 * x], 1.5)
-  got = logs.mean_firing_density(
+  x = run.make_source(c)[0].batch(0, c.train.batch_size)
+  expected = features.mean_firing_density(jax.device_get(state.params), [x, 2 * x], 1.5)
+  got = features.mean_firing_density(
       state.params, [sharding.global_batch(mesh, b, len(b)) for b in (x, 2 * x)], 1.5)
   np.testing.assert_allclose(got, expected, atol=1e-7)
   assert 0 < got.mean() < 1

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from jumprelu import interop
+from jumprelu import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=" + os.path.join(REPO, "configs", "synthetic.py"),
@@ -46,8 +46,8 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert "process 1/2, 4 local devices of 8" in outs[1][1]
 
-  a = interop.load_gemma_scope(f"{tmp_path}/one/export/params.npz")
-  b = interop.load_gemma_scope(f"{tmp_path}/two/export/params.npz")
+  a = export.load_gemma_scope(f"{tmp_path}/one/export/params.npz")
+  b = export.load_gemma_scope(f"{tmp_path}/two/export/params.npz")
   for k in a:  # same mesh, same global batches: only the collectives' transport differs
     np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0, err_msg=k)
   steps = [l for l in open(f"{tmp_path}/two/metrics.jsonl")]

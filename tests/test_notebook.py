@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from jumprelu import interop
+from jumprelu import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +26,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   figures = [o for o in outputs if "image/png" in o.get("data", {})]
   assert figures  # the loss curve and firing-density histogram, drawn inline
   out = tmp_path / "quickstart_out"
-  npz, saelens = interop.load(str(out / "params.npz")), interop.load(str(out / "saelens"))
+  npz, saelens = export.load(str(out / "params.npz")), export.load(str(out / "saelens"))
   for k in npz:
     np.testing.assert_array_equal(npz[k], saelens[k])

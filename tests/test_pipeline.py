@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jumprelu.lm import load
+from jumprelu import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
   # Both exports, imported again, encode and decode real SmolLM2 activations as the trained SAE
   # does (normalisation folded in): the round trip the interop issue asks for.
   import jax
-  from jumprelu import checkpoint, data, interop, sae, sharding, train
+  from jumprelu import checkpoint, data, sae, sharding, train
   from configs import smollm2_135m
   c = smollm2_135m.get_config()
   c.sae.width = 256
@@ -56,7 +57,7 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
   x_hat_ref = scale * np.asarray(sae.decode(state.params, f_ref / scale))
   assert np.count_nonzero(f_ref) > 0
   for path in ("export/params.npz", "export/saelens"):
-    params = interop.load(str(tmp_path / path))
+    params = export.load(str(tmp_path / path))
     f, _ = sae.encode(params, x, bandwidth=c.sae.bandwidth)
     # 1e-6 relative to the activations' scale (|x| ~ 150 here), float32 arithmetic
     np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-6 * scale, err_msg=path)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import sae, sharding, sparse, train, validate
+from jumprelu import run, sae, sharding, sparse, train, validate
 from tests.conftest import tiny
 
 
@@ -48,7 +48,7 @@ def test_bf16_train_steps_keep_fp32_state():
   c = tiny(**{"train.matmul_dtype": "bfloat16"})
   c32 = tiny()
   mesh = sharding.make_mesh(1, 1)
-  source, _ = train.make_source(c)
+  source, _ = run.make_source(c)
   results = {}
   for name, cfg in (("bf16", c), ("fp32", c32)):
     state, shardings = train.sharded_init(cfg, mesh, jax.random.key(0), 1.0)

@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
-from jumprelu import checkpoint, data, export, interop, sharding, train, validate
+from jumprelu import checkpoint, data, export, files, run, sharding, train, validate
+from jumprelu import workdir as workdir_lib
 from tests.conftest import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +67,8 @@ elif where == "save":  # orbax's last act in a commit is this rename (orbax 0.12
     return await real_rename(src, dst, *a, **k)
   async_path.rename = rename
 elif where == "export":
-  from jumprelu import export
-  export.save_npz = lambda *a, **k: die()
+  from jumprelu import files
+  files.save_npz = lambda *a, **k: die()
 sys.argv[0] = os.path.join(os.getcwd(), "experiments", "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -116,7 +117,7 @@ def _steps(workdir):
 def reference(tmp_path_factory):
   """An uninterrupted tiny run: checkpoints at steps 5, 10 and 12, export and summary."""
   workdir = tmp_path_factory.mktemp("reference")
-  train.train_and_evaluate(tiny(), str(workdir))
+  run.train_and_evaluate(tiny(), str(workdir))
   return workdir
 
 
@@ -144,7 +145,7 @@ def test_kill_anywhere_then_rerun_ends_bit_identical(tmp_path, reference):
   assert glob.glob(f"{run_dir}/checkpoints/10.orbax-checkpoint-tmp*/commit_success.txt")
 
   preempted = _cli(run_dir, inject=("step", 6, "SIGTERM"))
-  assert preempted.returncode == train.EXIT_PREEMPTED, preempted.stderr[-3000:]
+  assert preempted.returncode == workdir_lib.EXIT_PREEMPTED, preempted.stderr[-3000:]
   assert "skipping the checkpoint of step 10: its save never finished" in preempted.stderr
   assert "resumed from checkpoint at step 5" in preempted.stderr
   assert "preemption notice (SIGTERM): saved a checkpoint at step 7 of 12" in preempted.stderr
@@ -160,8 +161,8 @@ def test_kill_anywhere_then_rerun_ends_bit_identical(tmp_path, reference):
   done = _cli(run_dir)
   assert done.returncode == 0, done.stderr[-3000:]
   _assert_same_state(_restore(run_dir), _restore(reference))
-  a = interop.load_gemma_scope(str(reference / "export" / "params.npz"))
-  b = interop.load_gemma_scope(str(run_dir / "export" / "params.npz"))
+  a = export.load_gemma_scope(str(reference / "export" / "params.npz"))
+  b = export.load_gemma_scope(str(run_dir / "export" / "params.npz"))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   final = [json.load(open(d / "summary.json"))["final"] for d in (reference, run_dir)]
@@ -186,10 +187,10 @@ def _sigterm_when_reading(monkeypatch, at: int):
 def test_sigterm_saves_at_the_next_step_boundary_and_stops(tmp_path, monkeypatch):
   _sigterm_when_reading(monkeypatch, 8)
   before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(train.Preempted, match="saved a checkpoint at step 9 of 12 .* rerun the "
+  with pytest.raises(workdir_lib.Preempted, match="saved a checkpoint at step 9 of 12 .* rerun the "
                                             "same command to resume"):
     # No prefetch thread: reading step 8 then happens while step 8 runs (see TINY_ARGS).
-    train.train_and_evaluate(tiny(**{"train.prefetch": 0}), str(tmp_path))
+    run.train_and_evaluate(tiny(**{"train.prefetch": 0}), str(tmp_path))
   assert signal.getsignal(signal.SIGTERM) == before  # the handler is only ours while training
   assert _steps(tmp_path) == [5, 9]
   assert int(_restore(tmp_path).step) == 9
@@ -200,12 +201,12 @@ def test_sigterm_with_the_prefetch_thread_saves_resumes_and_ends_identical(
   """The notice arrives from the prefetch thread, up to train.prefetch steps early: the run
   still saves at a step boundary, stops, and the rerun ends bit-identical."""
   real_batch = _sigterm_when_reading(monkeypatch, 8)
-  with pytest.raises(train.Preempted, match="saved a checkpoint at step"):
-    train.train_and_evaluate(tiny(**{"train.prefetch": 2}), str(tmp_path))
+  with pytest.raises(workdir_lib.Preempted, match="saved a checkpoint at step"):
+    run.train_and_evaluate(tiny(**{"train.prefetch": 2}), str(tmp_path))
   saved = _steps(tmp_path)[-1]
   assert 6 <= saved <= 9, _steps(tmp_path)
   monkeypatch.setattr(data.ActivationSource, "batch", real_batch)
-  train.train_and_evaluate(tiny(**{"train.prefetch": 2}), str(tmp_path))
+  run.train_and_evaluate(tiny(**{"train.prefetch": 2}), str(tmp_path))
   a, b = _restore(reference, 12), _restore(tmp_path, 12)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -234,7 +235,7 @@ def test_multihost_preemption_agrees_on_one_step(tmp_path):
 
   outs = launch(("step", "6", "SIGTERM", "1"))  # only process 1 gets the notice
   for p, err in outs:
-    assert p.returncode == train.EXIT_PREEMPTED, err[-3000:]
+    assert p.returncode == workdir_lib.EXIT_PREEMPTED, err[-3000:]
   saved = [err.split("saved a checkpoint at step ")[1].split(" ")[0] for _, err in outs]
   assert saved[0] == saved[1] and int(saved[0]) in _steps(tmp_path)
 
@@ -301,7 +302,7 @@ def test_training_goes_on_from_the_last_good_checkpoint(tmp_path, reference):
   shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
   _garbage(tmp_path / "checkpoints" / "12")
   _truncate(tmp_path / "checkpoints" / "10")
-  summary = train.train_and_evaluate(tiny(), str(tmp_path))  # resumes at 5, retrains 10 and 12
+  summary = run.train_and_evaluate(tiny(), str(tmp_path))  # resumes at 5, retrains 10 and 12
   assert summary["final"]["step"] == 12
   _assert_same_state(_restore(tmp_path), _restore(reference))
   assert sorted(os.listdir(tmp_path / "checkpoints_rejected")) == ["10", "12"]
@@ -342,10 +343,10 @@ def test_non_finite_rows_are_named(tmp_path):
   c = tiny(**{"data.source": "npy", "data.path": store, "data.norm_rows": 512})
   with pytest.raises(FloatingPointError, match=r"shard_00000\.npy at row 300 \(sampled for "
                                                r"the input normalisation\).*skip_nonfinite"):
-    train.train_and_evaluate(c, str(tmp_path / "a"))
+    run.train_and_evaluate(c, str(tmp_path / "a"))
   c = tiny(**{"data.source": "npy", "data.path": store, "data.normalize": False})
   with pytest.raises(FloatingPointError, match=r"shard_00000\.npy at row 300 \(batch of step"):
-    train.train_and_evaluate(c, str(tmp_path / "b"))
+    run.train_and_evaluate(c, str(tmp_path / "b"))
 
 
 def test_skip_nonfinite_replaces_rows_counts_them_and_resumes_exactly(tmp_path, monkeypatch):
@@ -362,7 +363,7 @@ def test_skip_nonfinite_replaces_rows_counts_them_and_resumes_exactly(tmp_path, 
   # a process's slice of the batch gets the same stand-ins as the whole batch
   np.testing.assert_array_equal(source.batch_skipping_nonfinite(0, 512, 256, 512)[0], rows[256:])
 
-  summary = train.train_and_evaluate(c, str(tmp_path / "whole"))
+  summary = run.train_and_evaluate(c, str(tmp_path / "whole"))
   assert np.isfinite(summary["final"]["loss"])
   lines = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
   expected = [sum(int((~np.isfinite(x[source.batch_indices(s, 64)]).all(axis=1)).sum())
@@ -378,9 +379,9 @@ def test_skip_nonfinite_replaces_rows_counts_them_and_resumes_exactly(tmp_path, 
 
   monkeypatch.setattr(data.ActivationSource, "batch_skipping_nonfinite", dies_at_step_7)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+    run.train_and_evaluate(c, str(tmp_path / "resumed"))
   monkeypatch.setattr(data.ActivationSource, "batch_skipping_nonfinite", real_batch)
-  train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  run.train_and_evaluate(c, str(tmp_path / "resumed"))
   _assert_same_state(_restore(tmp_path / "resumed", c=c), _restore(tmp_path / "whole", c=c))
   again = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
   assert [l["nonfinite_rows"] for l in again] == expected
@@ -391,7 +392,7 @@ def test_store_of_another_dtype_is_refused_before_compiling(tmp_path, dtype):
   c = tiny(**{"data.source": "npy", "data.path": _npy_store(tmp_path, _acts().astype(dtype))})
   with pytest.raises(ValueError, match=rf"shard_00000\.npy holds {dtype}; only \('float32', "
                                        r"'float16', 'bfloat16'\)"):
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+    run.train_and_evaluate(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -407,11 +408,11 @@ def test_half_precision_stores_are_read(tmp_path, dtype):
 def test_empty_or_foreign_store_is_refused_before_compiling(tmp_path):
   c = tiny(**{"data.source": "npy", "data.path": _npy_store(tmp_path, np.zeros((0, 16), "f4"))})
   with pytest.raises(ValueError, match="holds 0 rows"):
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+    run.train_and_evaluate(c, str(tmp_path / "run"))
   # activations of another model or site: another width
   c.data.path = _npy_store(tmp_path, _acts(d=24), name="shard_00000.npy")
   with pytest.raises(ValueError, match="width 24, but data.d_in=16"):
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+    run.train_and_evaluate(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -457,13 +458,13 @@ def test_unlocked_config_with_unknown_or_mistyped_keys_fails_naming_them(tmp_pat
   d["extra"] = {"x": 1}
   d["train"]["batch_size"] = 64.0
   with pytest.raises(ValueError) as e:
-    train.train_and_evaluate(ml_collections.ConfigDict(d), str(tmp_path))  # unlocked
+    run.train_and_evaluate(ml_collections.ConfigDict(d), str(tmp_path))  # unlocked
   assert "unknown key train.num_step (did you mean train.num_steps?)" in str(e.value)
   assert "unknown key extra.x" in str(e.value)
   assert "train.batch_size must be of type int, got 64.0" in str(e.value)
   del d["train"]["batch_size"]
   with pytest.raises(ValueError, match="missing key train.batch_size"):
-    train.train_and_evaluate(ml_collections.ConfigDict(d), str(tmp_path))
+    run.train_and_evaluate(ml_collections.ConfigDict(d), str(tmp_path))
   assert not os.listdir(tmp_path)
 
 
@@ -480,21 +481,21 @@ def test_finished_run_of_another_config_is_kept_unless_overwrite(tmp_path, refer
   other = tiny(**{"sae.sparsity_coefficient": 0.5})
   with pytest.raises(ValueError, match=r"sae.sparsity_coefficient: 0.02 -> 0.5.*"
                                        r"--config.train.overwrite=True"):
-    train.train_and_evaluate(other, str(tmp_path))
+    run.train_and_evaluate(other, str(tmp_path))
   with pytest.raises(ValueError, match=r"checkpoint at step 12, past train.num_steps=8"):
-    train.train_and_evaluate(tiny(**{"train.num_steps": 8}), str(tmp_path))
+    run.train_and_evaluate(tiny(**{"train.num_steps": 8}), str(tmp_path))
   assert _snapshot(tmp_path) == before  # nothing written, nothing lost
 
   # train.overwrite=True on the same config resumes (a preempted run reruns its command) ...
   same = tiny(**{"train.overwrite": True})
-  train.train_and_evaluate(same, str(tmp_path))
+  run.train_and_evaluate(same, str(tmp_path))
   after = _snapshot(tmp_path)
   assert {k: v for k, v in after.items() if k.startswith("checkpoints/")} == {
       k: v for k, v in before.items() if k.startswith("checkpoints/")}
   # ... and replaces a run of another config
   other.train.overwrite = True
   other.train.num_steps = 5
-  train.train_and_evaluate(other, str(tmp_path))
+  run.train_and_evaluate(other, str(tmp_path))
   assert _steps(tmp_path) == [5]
   assert json.load(open(tmp_path / "config.json"))["sae"]["sparsity_coefficient"] == 0.5
   assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [4, 5]
@@ -503,15 +504,15 @@ def test_finished_run_of_another_config_is_kept_unless_overwrite(tmp_path, refer
 def test_workdir_with_foreign_or_unreadable_run_is_refused(tmp_path):
   (tmp_path / "checkpoints" / "5").mkdir(parents=True)
   with pytest.raises(ValueError, match="holds a run without a config.json"):
-    train.train_and_evaluate(tiny(), str(tmp_path))
+    run.train_and_evaluate(tiny(), str(tmp_path))
   (tmp_path / "config.json").write_text('{"seed": 0, "da')  # torn by an older, non-atomic write
   with pytest.raises(ValueError, match="config.json cannot be read"):
-    train.train_and_evaluate(tiny(), str(tmp_path))
+    run.train_and_evaluate(tiny(), str(tmp_path))
 
 
 def test_json_and_npz_writes_are_atomic(tmp_path, monkeypatch, reference):
   path = str(tmp_path / "summary.json")
-  export.save_json(path, {"a": 1})
+  files.save_json(path, {"a": 1})
 
   def dies_halfway(obj, fh, **kw):
     fh.write('{"a": ')
@@ -519,12 +520,12 @@ def test_json_and_npz_writes_are_atomic(tmp_path, monkeypatch, reference):
 
   monkeypatch.setattr(export.json, "dump", dies_halfway)
   with pytest.raises(OSError):
-    export.save_json(path, {"a": 2})
+    files.save_json(path, {"a": 2})
   assert json.load(open(path)) == {"a": 1}
   monkeypatch.undo()
 
   npz = str(tmp_path / "params.npz")
-  export.save_npz(npz, {"w": np.ones(3)})
+  files.save_npz(npz, {"w": np.ones(3)})
 
   def savez_dies_halfway(path, **arrays):
     with open(path, "wb") as fh:
@@ -533,7 +534,7 @@ def test_json_and_npz_writes_are_atomic(tmp_path, monkeypatch, reference):
 
   monkeypatch.setattr(export.np, "savez", savez_dies_halfway)
   with pytest.raises(OSError):
-    export.save_npz(npz, {"w": np.zeros(3)})
+    files.save_npz(npz, {"w": np.zeros(3)})
   np.testing.assert_array_equal(np.load(npz)["w"], np.ones(3))
   # a finished run leaves no temporary files behind
   assert not [p for p in glob.glob(f"{reference}/**", recursive=True) if ".tmp" in p]

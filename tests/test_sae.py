@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import sae
+from jumprelu import export, sae
 
 
 def _params(threshold_param="log", d=6, f=10, seed=0):
@@ -69,7 +69,7 @@ def test_fold_normalization_acts_on_raw_activations():
   x = np.random.default_rng(4).normal(size=(7, 6)).astype(np.float32) * 9.0
   scale = 9.0 * np.sqrt(6)
   f_norm, _ = sae.encode(p, x / scale, bandwidth=0.001)
-  raw = sae.fold_normalization(p, scale)
+  raw = export.raw_params("jumprelu", p, scale)
   f_raw, _ = sae.encode(raw, x, bandwidth=0.001)
   np.testing.assert_allclose(f_raw, scale * f_norm, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(sae.decode(raw, f_raw), scale * sae.decode(p, f_norm),

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jumprelu import checkpoint, sharding, train
+from jumprelu import checkpoint, run, sharding, train
 from tests.conftest import tiny
 
 # Sharding changes only the order of float32 reductions (over the batch for the gradients, over
@@ -16,7 +16,7 @@ ATOL = 2e-5
 def _run(c, mesh_shape, steps, state=None):
   mesh = sharding.make_mesh(*mesh_shape)
   sharding.check_divisible(mesh, c.sae.width, c.train.batch_size)
-  source, _ = train.make_source(c)
+  source, _ = run.make_source(c)
   abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0))
   shardings = sharding.tree_shardings(mesh, abstract)
   if state is None:
@@ -74,12 +74,12 @@ def _restore(workdir, c, mesh_shape):
 def test_checkpoint_from_one_mesh_restores_on_another(tmp_path):
   c = tiny(**{"sae.width": 64, "train.batch_size": 64, "train.num_steps": 20,
               "train.checkpoint_every": 10, "mesh.data": 2, "mesh.model": 4})
-  train.train_and_evaluate(c, str(tmp_path / "whole"))  # 20 steps on (2, 4)
+  run.train_and_evaluate(c, str(tmp_path / "whole"))  # 20 steps on (2, 4)
 
   c.train.num_steps = 10
-  train.train_and_evaluate(c, str(tmp_path / "moved"))  # 10 steps on (2, 4) ...
+  run.train_and_evaluate(c, str(tmp_path / "moved"))  # 10 steps on (2, 4) ...
   c.train.num_steps, c.mesh.data, c.mesh.model = 20, 8, 1
-  summary = train.train_and_evaluate(c, str(tmp_path / "moved"))  # ... then 10 on (8, 1)
+  summary = run.train_and_evaluate(c, str(tmp_path / "moved"))  # ... then 10 on (8, 1)
   assert summary["final"]["step"] == 20
 
   whole, moved = _restore(tmp_path / "whole", c, (2, 4)), _restore(tmp_path / "moved", c, (8, 1))
@@ -97,7 +97,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(tmp_path):
 ])
 def test_mesh_errors_before_compiling(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(tiny(**overrides), str(tmp_path))
+    run.train_and_evaluate(tiny(**overrides), str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
 
 

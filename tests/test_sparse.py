@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.experimental import sparse as jsparse
 
-from jumprelu import ops, sae, sharding, sparse, train, validate
+from jumprelu import ops, run, sae, sharding, sparse, train, validate
 from tests.conftest import tiny
 
 EPS = 0.05  # bandwidth wide enough that the STE window holds several entries per feature
@@ -181,7 +181,7 @@ def _trained_state(c, steps):
   """A tiny SAE trained with the dense step until it is sparse (L0 ≪ width)."""
   mesh = sharding.make_mesh(1, 1)
   state, shardings = train.sharded_init(c, mesh, jax.random.key(c.seed), 1.0)
-  source, _ = train.make_source(c)
+  source, _ = run.make_source(c)
   step_fn = train.jit_train_step(c, mesh, shardings)
   for s in range(steps):
     state, metrics = step_fn(state, source.batch(s, c.train.batch_size))
@@ -193,7 +193,7 @@ def _steps(c, state, start, steps, mesh_shape=(1, 1)):
   abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0))
   shardings = sharding.tree_shardings(mesh, abstract)
   state = jax.device_put(state, shardings)
-  source, _ = train.make_source(c)
+  source, _ = run.make_source(c)
   chex.clear_trace_counter()
   step_fn = train.jit_train_step(c, mesh, shardings,
                                  step_fn=chex.assert_max_traces(train.train_step, n=1))

@@ -7,8 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jumprelu import (checkpoint, harvest, interop, pipeline, sharding, sweep, train,
+from jumprelu import (checkpoint, evaluate, export, run, sharding, sweep, train,
                       validate)
+from jumprelu.lm import activations as lm_act
 from tests.conftest import killed_then_resumed, tiny
 from tests.tiny_lm import tiny_lm
 
@@ -30,20 +31,20 @@ def _config(arch, **kw):
 
 
 def _params(path):
-  return interop.load(os.path.join(path, "export", "params.npz"))
+  return export.load(os.path.join(path, "export", "params.npz"))
 
 
 @pytest.mark.parametrize("arch", sorted(SWEEPS))
 def test_each_member_equals_training_it_alone(tmp_path, arch):
   c = _config(arch)
-  summary = train.train_and_evaluate(c, str(tmp_path / "sweep"))
+  summary = run.train_and_evaluate(c, str(tmp_path / "sweep"))
   members = sweep.grid(c)
   assert sorted(summary["members"]) == sorted(name for name, _ in members)
   assert len(members) == 2
   finals = []
   for name, hp in members:
     alone = tmp_path / f"alone_{name}"
-    alone_summary = train.train_and_evaluate(sweep.member_config(c, hp), str(alone))
+    alone_summary = run.train_and_evaluate(sweep.member_config(c, hp), str(alone))
     ours, ref = _params(tmp_path / "sweep" / "members" / name), _params(alone)
     assert sorted(ours) == sorted(ref)
     for key in ref:
@@ -58,7 +59,7 @@ def test_each_member_equals_training_it_alone(tmp_path, arch):
 def test_member_directory_is_a_finished_run_of_its_own(tmp_path):
   c = _config("jumprelu")
   workdir = tmp_path / "sweep"
-  train.train_and_evaluate(c, str(workdir))
+  run.train_and_evaluate(c, str(workdir))
   name, hp = sweep.grid(c)[1]
   mdir = workdir / "members" / name
   mc = sweep.member_config(c, hp)
@@ -70,7 +71,7 @@ def test_member_directory_is_a_finished_run_of_its_own(tmp_path):
   # train.py on the member's config and directory finds its final checkpoint (no retraining)
   # and exports the same params again.
   before = _params(mdir)
-  again = train.train_and_evaluate(mc, str(mdir))
+  again = run.train_and_evaluate(mc, str(mdir))
   assert again["final"]["step"] == 20
   for key, value in _params(mdir).items():
     np.testing.assert_array_equal(value, before[key])
@@ -85,14 +86,14 @@ def test_member_directory_is_a_finished_run_of_its_own(tmp_path):
 
 def test_interrupted_ensemble_resumes_identically(tmp_path, monkeypatch):
   c = _config("topk")
-  train.train_and_evaluate(c, str(tmp_path / "whole"))
+  run.train_and_evaluate(c, str(tmp_path / "whole"))
   exported_before = []
 
-  def run():
+  def again():
     exported_before.append(os.path.exists(tmp_path / "resumed" / "members"))
-    return train.train_and_evaluate(c, str(tmp_path / "resumed"))
+    return run.train_and_evaluate(c, str(tmp_path / "resumed"))
 
-  killed_then_resumed(monkeypatch, run)
+  killed_then_resumed(monkeypatch, again)
   assert exported_before == [False, False]  # the killed run exported nothing half-way
   for name, _ in sweep.grid(c):
     a, b = (_params(tmp_path / d / "members" / name) for d in ("whole", "resumed"))
@@ -103,8 +104,8 @@ def test_interrupted_ensemble_resumes_identically(tmp_path, monkeypatch):
 def test_ensemble_shards_the_dictionary_like_one_sae(tmp_path):
   """On a (2, 4) mesh each member's W_enc columns are split over "model"; same result."""
   c = _config("jumprelu")
-  ref = train.train_and_evaluate(c, str(tmp_path / "one"))
-  split = train.train_and_evaluate(_config("jumprelu", **{"mesh.data": 2, "mesh.model": 4}),
+  ref = run.train_and_evaluate(c, str(tmp_path / "one"))
+  split = run.train_and_evaluate(_config("jumprelu", **{"mesh.data": 2, "mesh.model": 4}),
                                    str(tmp_path / "mesh"))
   mesh = sharding.make_mesh(2, 4)
   abstract = jax.eval_shape(lambda: train.init_state(c, jax.random.key(0), 1.0, 2))
@@ -150,14 +151,14 @@ def test_sweep_job_evaluates_every_member_on_the_lm(tmp_path, monkeypatch):
   """pipeline.run (train.py) on a harvested store evaluates each member into its eval.json;
   experiments/evaluate.py's path, from the sweep's config.json, gives the same numbers."""
   lm = tiny_lm()
-  monkeypatch.setattr(harvest, "load_lm", lambda c: lm)
+  monkeypatch.setattr(lm_act, "load_lm", lambda c: lm)
   c = tiny(**{"data.source": "harvest", "data.d_in": 16, "lm.site": "resid_post.1",
               "lm.model_path": "/nowhere/tiny-random", "lm.context_len": 16,
               "lm.batch_contexts": 8, "harvest.num_tokens": 600,
               "harvest.shard_tokens": 512, "data.norm_rows": 256, "eval.num_contexts": 4,
               "eval.skip_contexts": 400, "sae.arch": "topk", "sweep.k": (2, 6),
               "sae.k_aux": 16, "log.tensorboard": False})
-  summary = pipeline.run(c, str(tmp_path))
+  summary = run.train_and_evaluate(c, str(tmp_path))
   records = {}
   for name, k in (("k=2", 2), ("k=6", 6)):
     r = json.load(open(tmp_path / "members" / name / "eval.json"))
@@ -167,6 +168,6 @@ def test_sweep_job_evaluates_every_member_on_the_lm(tmp_path, monkeypatch):
     records[name] = r
   assert records["k=6"]["l0"] > records["k=2"]["l0"]
   read_back = ml_collections.ConfigDict(json.load(open(tmp_path / "config.json")))
-  again = pipeline.evaluate_workdir(read_back, str(tmp_path))
+  again = evaluate.evaluate_workdir(read_back, str(tmp_path))
   for r in again:
     assert r["delta_lm_loss"] == pytest.approx(records[r["member"]]["delta_lm_loss"], abs=1e-6)

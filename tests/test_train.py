@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import checkpoint, interop, sae, sharding, train
+from jumprelu import checkpoint, export, run, sae, sharding, train
 from tests.conftest import killed_then_resumed, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def test_recovers_true_dictionary_at_true_l0(tmp_path):
   c = tiny(**{"data.d_in": 32, "data.synthetic.n_features": 64, "data.synthetic.n_rows": 65536,
               "sae.width": 128, "sae.sparsity_coefficient": 0.03, "train.batch_size": 512,
               "train.num_steps": 4000, "train.log_every": 1000, "train.checkpoint_every": 4000})
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = run.train_and_evaluate(c, str(tmp_path))
   l0, true_l0 = summary["final"]["l0"], summary["true_l0"]
   assert summary["dictionary_recovery"] >= 0.9, summary
   assert abs(l0 - true_l0) <= 0.3 * true_l0, summary
@@ -36,18 +36,18 @@ def _final_state(workdir, c):
 
 def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
   c = tiny()
-  train.train_and_evaluate(c, str(tmp_path / "whole"))
+  run.train_and_evaluate(c, str(tmp_path / "whole"))
 
   summary = killed_then_resumed(
-      monkeypatch, lambda: train.train_and_evaluate(c, str(tmp_path / "resumed")))
+      monkeypatch, lambda: run.train_and_evaluate(c, str(tmp_path / "resumed")))
   assert summary["steps"] == 12
 
   a, b = _final_state(tmp_path / "whole", c), _final_state(tmp_path / "resumed", c)
   assert int(a.step) == int(b.step) == 12
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  pa = interop.load_gemma_scope(str(tmp_path / "whole" / "export" / "params.npz"))
-  pb = interop.load_gemma_scope(str(tmp_path / "resumed" / "export" / "params.npz"))
+  pa = export.load_gemma_scope(str(tmp_path / "whole" / "export" / "params.npz"))
+  pb = export.load_gemma_scope(str(tmp_path / "resumed" / "export" / "params.npz"))
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k])
   steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "metrics.jsonl")]
@@ -56,7 +56,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
 
 def test_outputs_and_export_fold_normalisation(tmp_path):
   c = tiny()
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = run.train_and_evaluate(c, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [4, 8, 12]
   for key in ("loss", "recon", "mse", "fvu", "l0", "in_window", "threshold_mean", "dead",
@@ -69,7 +69,7 @@ def test_outputs_and_export_fold_normalisation(tmp_path):
   assert all(exported[k].dtype == np.float32 for k in exported.files)
 
   state = _final_state(tmp_path, c)
-  x = train.make_source(c)[0].batch(0, 32)
+  x = run.make_source(c)[0].batch(0, 32)
   scale = float(state.norm_scale)
   assert scale > 1.0  # the synthetic rows have E‖x‖² > 1, so normalisation did something
   f_norm, _ = sae.encode(state.params, x / scale, bandwidth=c.sae.bandwidth)
@@ -85,7 +85,7 @@ def test_step_traces_once_and_keeps_decoder_unit_norm():
   c = tiny()
   mesh = sharding.make_mesh(1, 1)
   state, shardings = train.sharded_init(c, mesh, jax.random.key(0), 1.0)
-  source, _ = train.make_source(c)
+  source, _ = run.make_source(c)
   chex.clear_trace_counter()
   step_fn = train.jit_train_step(c, mesh, shardings,
                                  step_fn=chex.assert_max_traces(train.train_step, n=1))
@@ -125,27 +125,27 @@ def test_adam_has_no_momentum():
 ])
 def test_bad_config_fails_before_compute(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(tiny(**{key: value}), str(tmp_path))
+    run.train_and_evaluate(tiny(**{key: value}), str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_bad_data_fails_before_compute(tmp_path):
   c = tiny(**{"data.source": "npy", "data.path": str(tmp_path / "missing")})
   with pytest.raises(FileNotFoundError, match="data.path .*missing.* does not exist"):
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+    run.train_and_evaluate(c, str(tmp_path / "run"))
 
   store = tmp_path / "store"
   store.mkdir()
   np.save(store / "a.npy", np.ones((100, 24), np.float32))
   c = tiny(**{"data.source": "npy", "data.path": str(store)})
   with pytest.raises(ValueError, match=r"width 24, but data.d_in=16; set --config.data.d_in=24"):
-    train.train_and_evaluate(c, str(tmp_path / "run2"))
+    run.train_and_evaluate(c, str(tmp_path / "run2"))
 
   x = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)
   x[42, 3] = np.inf
   np.save(store / "a.npy", x)
   with pytest.raises(FloatingPointError, match=r"a\.npy at row 42"):
-    train.train_and_evaluate(c, str(tmp_path / "run3"))
+    run.train_and_evaluate(c, str(tmp_path / "run3"))
 
 
 def test_non_finite_loss_names_the_step(tmp_path):
@@ -155,16 +155,16 @@ def test_non_finite_loss_names_the_step(tmp_path):
   np.save(store / "a.npy", np.full((256, 16), 3e20, np.float32))
   c = tiny(**{"data.source": "npy", "data.path": str(store), "data.normalize": False})
   with pytest.raises(FloatingPointError, match="non-finite loss .* at step 0"):
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+    run.train_and_evaluate(c, str(tmp_path / "run"))
 
 
 def test_changed_config_in_existing_workdir_is_refused(tmp_path):
-  train.train_and_evaluate(tiny(), str(tmp_path))
+  run.train_and_evaluate(tiny(), str(tmp_path))
   old = tiny().sae.sparsity_coefficient
   with pytest.raises(ValueError, match=rf"sae.sparsity_coefficient: {old} -> 0.5"):
-    train.train_and_evaluate(tiny(**{"sae.sparsity_coefficient": 0.5}), str(tmp_path))
+    run.train_and_evaluate(tiny(**{"sae.sparsity_coefficient": 0.5}), str(tmp_path))
   # extending a finished run is allowed and continues from its last checkpoint
-  summary = train.train_and_evaluate(tiny(**{"train.num_steps": 15}), str(tmp_path))
+  summary = run.train_and_evaluate(tiny(**{"train.num_steps": 15}), str(tmp_path))
   assert summary["final"]["step"] == 15
 
 
