@@ -21,6 +21,9 @@ PARAM_SPECS = {
     "r_mag": P("model"),  # [F]
     "b_mag": P("model"),  # [F]
     "tokens_since_fired": P("model"),  # [F] int32, for dead-feature counting
+    "step": P(),  # [] int32: the train state's step counter, replicated
+    "norm_scale": P(),  # [] float32: the input scale C, replicated
+    "count": P(),  # [] int32: optax's step counters (schedules, bias correction), replicated
 }
 BATCH_SPEC = P("data", None)  # x [B, D]: rows split across "data"
 
@@ -50,18 +53,26 @@ def make_mesh(data: int, model: int, devices=None) -> Mesh:
 
 
 def _leaf_spec(path, leaf) -> P:
-  """Spec of a state leaf from the last dict key on its path; anything else is replicated.
+  """Spec of a state leaf from the innermost named key on its path (a param name, or a
+  counter's field name). A leaf named nowhere in PARAM_SPECS is an error, not silently
+  replicated: a new state leaf must declare how it is laid out.
 
   A leaf with one more axis than its spec belongs to a vmapped ensemble (sweep.py): its leading
   member axis [S] is replicated, the rest split as for one SAE."""
-  for entry in reversed(path):
-    key = getattr(entry, "key", getattr(entry, "name", None))
-    if key in PARAM_SPECS:
-      spec = PARAM_SPECS[key]
-      if len(spec) == np.ndim(leaf):
-        return spec
-      return P(None, *spec) if len(spec) and len(spec) + 1 == np.ndim(leaf) else P()
-  return P()
+  names = [getattr(e, "key", getattr(e, "name", None)) for e in path]
+  key = next((k for k in reversed(names) if isinstance(k, str)), None)
+  if key not in PARAM_SPECS:
+    raise ValueError(f"state leaf {jax.tree_util.keystr(path)} (key {key!r}, shape "
+                     f"{tuple(np.shape(leaf))}) has no PartitionSpec; add {key!r} to "
+                     "sharding.PARAM_SPECS with the layout of its axes")
+  spec = PARAM_SPECS[key]
+  if len(spec) == np.ndim(leaf) or not len(spec):  # P(): replicated, at any rank
+    return spec
+  if len(spec) + 1 == np.ndim(leaf):
+    return P(None, *spec)
+  raise ValueError(f"state leaf {jax.tree_util.keystr(path)} has shape "
+                   f"{tuple(np.shape(leaf))}, but sharding.PARAM_SPECS[{key!r}] = {spec} is for {len(spec)} axes "
+                   f"({len(spec) + 1} in an ensemble)")
 
 
 def tree_shardings(mesh: Mesh, tree):

@@ -107,3 +107,16 @@ def test_automatic_mesh_shape():
   assert sharding.mesh_shape(2, -1, 8) == (2, 4)
   with pytest.raises(ValueError, match="cannot both be -1"):
     sharding.mesh_shape(-1, -1, 8)
+
+
+def test_every_state_leaf_has_a_declared_layout():
+  mesh = sharding.make_mesh(2, 4)
+  for arch in ("jumprelu", "relu", "gated", "topk"):  # every leaf of every train state is named
+    c = tiny(**{"sae.arch": arch})
+    sharding.tree_shardings(mesh, jax.eval_shape(lambda: train.init_state(c, jax.random.key(0),
+                                                                          1.0)))
+  # A leaf the table does not name is refused, not silently replicated over "model".
+  with pytest.raises(ValueError, match=r"\['W_new'\].*add 'W_new' to sharding.PARAM_SPECS"):
+    sharding.tree_shardings(mesh, {"W_new": jax.ShapeDtypeStruct((16, 64), np.float32)})
+  with pytest.raises(ValueError, match=r"shape \(3, 16, 64\).*PARAM_SPECS\['W_enc'\]"):
+    sharding.tree_shardings(mesh, {"W_enc": jax.ShapeDtypeStruct((3, 16, 64), np.float32)})
