@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import checkpoint, export, run, sae, sharding, train
-from tests.conftest import killed_then_resumed, tiny
+from jumprelu import checkpoint, run, sae, sharding, train
+from tests.conftest import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
