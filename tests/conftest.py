@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny config that trains in seconds on CPU.
+"""Shared fixtures: configs/tiny.py with overrides, and a simulated kill.
 
 Eight CPU devices are faked for the whole suite (before jax is imported anywhere) so sharded
 meshes can be tested; single-device tests use the first device.
@@ -10,25 +10,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 
 import pytest  # noqa: E402
 
-from configs import synthetic  # noqa: E402
+from configs import tiny as tiny_config_module  # noqa: E402
 
 
-def tiny(**overrides):
-  """The synthetic config shrunk to test size; overrides are 'section.key' -> value."""
-  c = synthetic.get_config()
-  c.data.d_in = 16
-  c.data.synthetic.n_rows = 4096
-  c.data.synthetic.n_features = 32
-  c.data.synthetic.mean_l0 = 3.0
-  c.data.norm_rows = 1024
-  c.sae.width = 64
-  c.train.batch_size = 64
-  c.train.num_steps = 12
-  c.train.log_every = 4
-  c.train.checkpoint_every = 5
-  c.train.keep_checkpoints = 5
-  c.mesh.data = 1
-  c.mesh.model = 1
+def tiny(arg=None, /, **overrides):
+  """configs/tiny.py's config (arg: None, "harvest" or "live"); overrides are 'section.key' ->
+  value."""
+  c = tiny_config_module.get_config(arg)
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -36,11 +24,6 @@ def tiny(**overrides):
       node = node[p]
     node[leaf] = value
   return c
-
-
-@pytest.fixture
-def tiny_config():
-  return tiny
 
 
 def killed_then_resumed(monkeypatch, run, step: int = 8):

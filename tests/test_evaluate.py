@@ -12,8 +12,8 @@ from tests.tiny_lm import tiny_lm
 @pytest.fixture(scope="module")
 def setup():
   lm = tiny_lm()
-  c = tiny(**{"data.source": "harvest", "data.d_in": 16, "lm.site": "resid_post.0",
-              "lm.context_len": 16, "eval.num_contexts": 10, "eval.skip_contexts": 40})
+  c = tiny("harvest", **{"lm.site": "resid_post.0", "eval.num_contexts": 10,
+                         "eval.skip_contexts": 40})
   return c, lm, evaluate.held_out_contexts(c, lm[1], lm[2])
 
 

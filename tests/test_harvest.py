@@ -18,10 +18,7 @@ def lm():
 
 
 def config(**overrides):
-  base = {"data.source": "harvest", "data.d_in": 16, "lm.site": "resid_post.1",
-          "lm.context_len": 16, "lm.batch_contexts": 4, "harvest.num_tokens": 700,
-          "harvest.shard_tokens": 128, "eval.num_contexts": 2, "eval.skip_contexts": 100}
-  return tiny(**{**base, **overrides})
+  return tiny("harvest", **overrides)
 
 
 def _read_store(path):

@@ -9,10 +9,7 @@ from tests.tiny_lm import tiny_lm
 
 
 def config(**overrides):
-  base = {"data.source": "live", "data.d_in": 16, "lm.site": "resid_post.1",
-          "lm.context_len": 16, "lm.batch_contexts": 4, "data.live_chunk_contexts": 8,
-          "data.live_chunk_steps": 3, "train.batch_size": 32, "data.norm_rows": 64}
-  return tiny(**{**base, **overrides})
+  return tiny("live", **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -148,16 +148,15 @@ def test_bad_sweeps_are_refused_before_compute(overrides, message):
 
 
 def test_sweep_job_evaluates_every_member_on_the_lm(tmp_path, monkeypatch):
-  """pipeline.run (train.py) on a harvested store evaluates each member into its eval.json;
+  """run.train_and_evaluate (train.py) on a harvested store evaluates each member into its eval.json;
   experiments/evaluate.py's path, from the sweep's config.json, gives the same numbers."""
   lm = tiny_lm()
   monkeypatch.setattr(lm_act, "load_lm", lambda c: lm)
-  c = tiny(**{"data.source": "harvest", "data.d_in": 16, "lm.site": "resid_post.1",
-              "lm.model_path": "/nowhere/tiny-random", "lm.context_len": 16,
-              "lm.batch_contexts": 8, "harvest.num_tokens": 600,
-              "harvest.shard_tokens": 512, "data.norm_rows": 256, "eval.num_contexts": 4,
-              "eval.skip_contexts": 400, "sae.arch": "topk", "sweep.k": (2, 6),
-              "sae.k_aux": 16, "log.tensorboard": False})
+  c = tiny("harvest", **{"lm.model_path": "/nowhere/tiny-random", "lm.batch_contexts": 8,
+                         "harvest.num_tokens": 600, "harvest.shard_tokens": 512,
+                         "data.norm_rows": 256, "eval.num_contexts": 4, "eval.skip_contexts": 400,
+                         "sae.arch": "topk", "sweep.k": (2, 6), "sae.k_aux": 16,
+                         "log.tensorboard": False})
   summary = run.train_and_evaluate(c, str(tmp_path))
   records = {}
   for name, k in (("k=2", 2), ("k=6", 6)):
