@@ -13,6 +13,12 @@ import pytest  # noqa: E402
 from configs import tiny as tiny_config_module  # noqa: E402
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "multiprocess: starts several JAX processes that talk over loopback "
+      "(jax.distributed); part of the suite and of CI, selectable with -m multiprocess")
+
+
 def tiny(arg=None, /, **overrides):
   """configs/tiny.py's config (arg: None, "harvest" or "live"); overrides are 'section.key' ->
   value."""

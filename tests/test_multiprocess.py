@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jumprelu import export
 
@@ -30,6 +31,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
   train_py = os.path.join(REPO, "experiments", "train.py")
   one = subprocess.run([sys.executable, train_py, *ARGS, f"--workdir={tmp_path}/one"],
