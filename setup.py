@@ -12,6 +12,7 @@ setup(
         "safetensors",  # the SAELens export (export.py)
         "gguf", "tokenizers",  # the LM: GGUF dequantisation and the tokenizer, no torch
         "matplotlib",  # scripts/plots.py, which the README's commands run
+        "tensorboardX>=2.6", "tqdm",  # TensorBoard event files and progress bars (logs.py)
     ],
     extras_require={
         # tensorboard reads our event files back; nbclient & co. run notebooks/quickstart.ipynb

@@ -1,10 +1,10 @@
-"""Logging: JSON lines, TensorBoard event files, W&B, feature histograms, progress bars."""
+"""Logging: JSON lines, TensorBoard event files, W&B, feature histograms, eval scalars,
+progress bars."""
 import importlib.machinery
 import io
 import json
 import logging as pylogging
 import os
-import struct
 import subprocess
 import sys
 import types
@@ -12,8 +12,9 @@ import types
 import jax
 import numpy as np
 import pytest
+import tqdm
 
-from jumprelu import features, logs, run, sae, sharding, train, validate
+from jumprelu import features, logs, run, sae, sharding, train, validate, workdir
 from tests.conftest import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,28 +26,16 @@ class _Tty(io.StringIO):
     return True
 
 
-def _records(path):
-  """The TFRecords of an event file, their checksums verified."""
-  data, out, i = open(path, "rb").read(), [], 0
-  while i < len(data):
-    header = data[i:i + 8]
-    (n,) = struct.unpack("<Q", header)
-    assert struct.unpack("<I", data[i + 8:i + 12])[0] == logs.masked_crc32c(header)
-    body = data[i + 12:i + 12 + n]
-    assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == logs.masked_crc32c(body)
-    out.append(body)
-    i += 16 + n
-  return out
-
-
-def test_crc32c_matches_the_standard_check_value():
-  crc = 0xE3069283  # CRC-32C of b"123456789" (RFC 3720, appendix B.4)
-  masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-  assert logs.masked_crc32c(b"123456789") == masked
+def _events(logdir):
+  """TensorBoard's own reading of the event files in `logdir`."""
+  accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  ea = accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0})
+  ea.Reload()
+  return ea
 
 
 def test_tensorboard_reads_our_event_files_and_purges_on_resume(tmp_path):
-  accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  pytest.importorskip("tensorboard")
   w = logs.MetricWriter(str(tmp_path), 0, 100, 64, tensorboard=True, progress=False)
   for step in (10, 20, 30):
     w.write(step, {**METRICS, "loss": 1.0 / step})
@@ -58,9 +47,7 @@ def test_tensorboard_reads_our_event_files_and_purges_on_resume(tmp_path):
   w.write(30, {**METRICS, "loss": 7.0})
   w.close()
 
-  ea = accumulator.EventAccumulator(str(tmp_path / "tensorboard"),
-                                    size_guidance={"scalars": 0, "histograms": 0})
-  ea.Reload()
+  ea = _events(tmp_path / "tensorboard")
   assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [
       (10, pytest.approx(0.1)), (20, pytest.approx(0.05)), (30, 7.0)]
   assert "train/tokens_per_s" in ea.Tags()["scalars"]
@@ -96,9 +83,11 @@ def test_training_logs_histograms_and_tensorboard_at_intervals(tmp_path):
   assert [(l["step"], l["name"]) for l in lines] == [
       (s, n) for s in (4, 8, 12) for n in ("log10_firing_density", "threshold")]
   assert all(sum(l["counts"]) == 64 for l in lines)  # one count per feature (sae.width)
-  (events,) = os.listdir(tmp_path / "a" / "tensorboard")
-  # file version, metrics at 3 steps, 2 histograms at each
-  assert len(_records(tmp_path / "a" / "tensorboard" / events)) == 1 + 3 + 6
+  assert len(os.listdir(tmp_path / "a" / "tensorboard")) == 1
+  ea = _events(tmp_path / "a" / "tensorboard")
+  assert [e.step for e in ea.Scalars("train/loss")] == [4, 8, 12]
+  for name in ("log10_firing_density", "threshold"):
+    assert [h.step for h in ea.Histograms(f"features/{name}")] == [4, 8, 12]
   run.train_and_evaluate(tiny(**{"log.tensorboard": False, "log.histogram_every": 0}),
                            str(tmp_path / "b"))
   assert not os.path.exists(tmp_path / "b" / "tensorboard")
@@ -151,14 +140,15 @@ def test_asking_for_wandb_without_it_names_the_key(monkeypatch):
 
 
 def test_progress_bar_shows_rate_and_eta_on_a_terminal(monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # tqdm's clock
   stream = _Tty()
   bar = logs.progress(100, "harvest", "seq", stream=stream)
-  monkeypatch.setattr(bar, "last_shown", 0.0)
-  bar.t0 -= 10.0  # as if 10 s had passed
+  now[0] += 10.0
   bar.update(25)
   text = stream.getvalue()
-  assert "harvest" in text and " 25%" in text and "25/100" in text
-  assert "2.5 seq/s" in text and "00:10<00:30" in text
+  assert "harvest" in text and " 25%" in text and "25.0/100" in text
+  assert "2.50seq/s" in text and "00:10<00:30" in text
   bar.close()
   assert stream.getvalue().endswith("\n")
 
@@ -169,7 +159,9 @@ def test_progress_logs_lines_off_a_terminal_and_is_quiet_elsewhere(monkeypatch, 
     with logs.progress(10, "eval", "batch", every_s=0.0, stream=stream) as bar:
       bar.update(5)
   assert stream.getvalue() == ""
-  assert any("eval" in r.getMessage() and "5/10" in r.getMessage() for r in caplog.records)
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("eval" in m and "5.00/10.0" in m for m in messages)
+  assert not any("\r" in m for m in messages)  # a log file gets lines, not redraws
 
   caplog.clear()
   monkeypatch.setattr(jax, "process_index", lambda: 1)
@@ -181,6 +173,41 @@ def test_progress_logs_lines_off_a_terminal_and_is_quiet_elsewhere(monkeypatch, 
     bar.update(5)
     bar.close()
   assert tty.getvalue() == "" and not caplog.records
+
+
+def test_eta_counts_days_past_24_hours(tmp_path, caplog):
+  assert logs._duration(300) == "00:05:00"
+  assert logs._duration(73 * 86400 + 17 * 3600 + 40 * 60 + 8) == "73d 17:40:08"
+  w = logs.MetricWriter(str(tmp_path), 0, 1000 + int(73.5 * 86400), 1, progress=False)
+  w.last_time -= 1000.0  # 1000 steps of 1 token in 1000 s (and a few ms): 73.5 days to go
+  with caplog.at_level(pylogging.INFO):
+    w.write(1000, METRICS)
+  w.close()
+  assert any("ETA 73d 12:" in r.getMessage() for r in caplog.records)
+
+
+def test_write_eval_logs_beside_training_and_survives_resume(tmp_path):
+  pytest.importorskip("tensorboard")
+  w = logs.MetricWriter(str(tmp_path), 0, 20, 8, tensorboard=True, progress=False)
+  for step in (10, 20):
+    w.write(step, METRICS)
+  w.close()
+  logs.write_eval(str(tmp_path), 20, {"delta_lm_loss": 0.25, "l0": 12, "arch": "jumprelu",
+                                      "threshold_quantiles": {"50": 0.1}, "skipped": None,
+                                      "flag": True}, tensorboard=True)
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines[-1] == {"step": 20, "eval/delta_lm_loss": 0.25, "eval/l0": 12}
+  ea = _events(tmp_path / "tensorboard")
+  assert [(e.step, e.value) for e in ea.Scalars("eval/delta_lm_loss")] == [(20, 0.25)]
+  assert [(e.step, e.value) for e in ea.Scalars("eval/l0")] == [(20, 12.0)]
+  assert [e.step for e in ea.Scalars("train/loss")] == [10, 20]
+  # A run resumed at its end reuses the train record at that step, not the eval one after it.
+  assert workdir.logged_metrics(str(tmp_path), 20) == {"step": 20, **METRICS}
+
+  logs.MetricWriter(str(tmp_path), 20, 30, 8, progress=False).close()  # keeps step <= 20
+  assert len(open(tmp_path / "metrics.jsonl").readlines()) == 3
+  logs.MetricWriter(str(tmp_path), 10, 30, 8, progress=False).close()  # drops both at step 20
+  assert [json.loads(l) for l in open(tmp_path / "metrics.jsonl")] == [lines[0]]
 
 
 def test_every_base_config_key_has_a_comment():
