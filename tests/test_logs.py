@@ -230,3 +230,15 @@ def test_cli_show_config_and_help():
   run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"), "--help"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
   assert "--show_config" in run.stdout  # (absl exits 1 after --help)
+
+
+def test_logged_metrics_skips_eval_records_at_the_same_step(tmp_path):
+  # Whatever order the lines at the final step come in, a run resumed at its end must get the
+  # train metrics back, not an evaluation's.
+  logs.write_eval(str(tmp_path), 20, {"l0": 3.0}, tensorboard=False)
+  w = logs.MetricWriter(str(tmp_path), 20, 20, 8, progress=False)
+  w.write(20, METRICS)
+  w.close()
+  assert [sorted(json.loads(l)) for l in open(tmp_path / "metrics.jsonl")][0] == [
+      "eval/l0", "step"]
+  assert workdir.logged_metrics(str(tmp_path), 20) == {"step": 20, **METRICS}
