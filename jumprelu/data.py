@@ -15,6 +15,8 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
+from jumprelu import files
+
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 DTYPES = ("float32", "float16", "bfloat16")  # what an activation store may hold
 _REPLACE_ATTEMPTS = 64  # tries to find a finite stand-in for a non-finite row
@@ -245,12 +247,11 @@ def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int
 
 def save_synthetic(directory: str, x: np.ndarray, dict_GxD: np.ndarray, facts: dict) -> None:
   """Writes acts/shard_00000.npy, true_dictionary.npy and facts.json so any tool can train on it."""
-  os.makedirs(os.path.join(directory, "acts"), exist_ok=True)
-  np.save(os.path.join(directory, "acts", "shard_00000.npy"), x)
-  np.save(os.path.join(directory, "true_dictionary.npy"), dict_GxD)
-  with open(os.path.join(directory, "facts.json"), "w") as fh:
-    json.dump({"true_l0": facts["true_l0"], "n_rows": len(x), "d": x.shape[1],
-               "n_features": len(dict_GxD)}, fh, indent=1)
+  files.save_npy(os.path.join(directory, "acts", "shard_00000.npy"), x)
+  files.save_npy(os.path.join(directory, "true_dictionary.npy"), dict_GxD)
+  files.save_json(os.path.join(directory, "facts.json"),
+                  {"true_l0": facts["true_l0"], "n_rows": len(x), "d": x.shape[1],
+                   "n_features": len(dict_GxD)})
 
 
 def dictionary_recovery(W_dec_FxD: np.ndarray, true_GxD: np.ndarray) -> float:
