@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from jumprelu import evaluate
+from jumprelu import cli, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; default: the run's DIR/config.json.", lock_config=True)
@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from jumprelu import sharding, sweep, train
+from jumprelu import sharding, sweep, train, validate
 from jumprelu.lm import load, model
 
 GiB = 2.0**30
@@ -61,6 +61,7 @@ def lm_param_count(cfg) -> int:
 def dry_run(c) -> str:
   """What a run of config `c` would hold, built abstractly: the LM (from lm.model_path's
   config.json, when it is a checkpoint directory) and the SAE train step per device."""
+  validate.check_config(c)  # a bad key is a one-line ValueError, not a JAX error from tracing
   lines = []
   if c.lm.model_path and os.path.isfile(os.path.join(c.lm.model_path, "config.json")):
     cfg = load.hf_config(c.lm.model_path)
