@@ -2,7 +2,8 @@
 
 A save is asynchronous: orbax writes into `STEP.orbax-checkpoint-tmp-*` and renames it to `STEP`
 only once everything (and `commit_success.txt`) is on disk, so a kill mid-save leaves a temporary
-directory that is never restored (and is removed, with a warning, by the next run). Each
+directory that is never restored (and is removed, with a warning, by the next run); a save that
+fails (a full disk) stops training at the next step boundary, with its error (saved()). Each
 checkpoint also records a fingerprint of its arrays, because a damaged data file can restore
 without any error. A committed step that is unreadable, lacks its commit marker or fails its
 fingerprint is moved to DIR/checkpoints_rejected/ with a warning and the previous one is used.
@@ -22,7 +23,13 @@ _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 def _not_orbax(record) -> bool:
-  return "orbax" not in record.pathname or record.levelno >= logging.converter.STANDARD_WARNING
+  if "orbax" not in record.pathname:
+    return True
+  if record.exc_info and logging.get_verbosity() < logging.DEBUG:
+    # A failed save's traceback, logged once per orbax thread: saved() raises the error itself
+    # (the entry points show its traceback on --traceback or --verbosity=1).
+    record.exc_info = record.exc_text = None
+  return record.levelno >= logging.converter.STANDARD_WARNING
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -89,6 +96,21 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   """Starts an asynchronous save of `state` as `step`, with its fingerprint and layout."""
   meta = {"fingerprint": fingerprint(state), "layout": layout(state)}
   mngr.save(step, args=ocp.args.StandardSave(state), custom_metadata=meta, force=True)
+
+
+def saved(mngr: ocp.CheckpointManager, wait: bool = False) -> bool:
+  """True once no save is in flight (waiting for it if `wait`); raises the error of a save that
+  failed (a full disk, say), so training stops at once, not at the next save's wait."""
+  if not wait and mngr.is_saving_in_progress():  # ~12 µs, asked only while a save runs
+    return False
+  try:
+    mngr.wait_until_finished()  # returns at once when done; re-raises a failed save's error
+  except Exception as e:
+    note = f"while saving a checkpoint into {mngr.directory}"
+    if note not in getattr(e, "__notes__", ()):
+      e.add_note(note)
+    raise
+  return True
 
 
 def _all_agree(ok: bool) -> bool:

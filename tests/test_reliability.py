@@ -1,5 +1,6 @@
 """Fault injection: kill -9 anywhere, preemption, damaged checkpoints, bad data, bad configs and
 workdir safety. Each test fails if its guarantee breaks."""
+import errno
 import glob
 import json
 import logging
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
@@ -19,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
-from jumprelu import checkpoint, data, export, files, run, sharding, train, validate
+from jumprelu import checkpoint, cli, data, export, files, run, sharding, train, validate
 from jumprelu import workdir as workdir_lib
 from tests.conftest import tiny
 
@@ -131,8 +133,8 @@ def absl_warnings(caplog):
 
 def test_kill_anywhere_then_rerun_ends_bit_identical(tmp_path, reference):
   """kill -9 before the first checkpoint, inside a checkpoint save and during the export, and a
-  preemption notice in between: rerunning the same command each time ends where an uninterrupted
-  run does, bit for bit."""
+  Ctrl-C in between (exit status 75, like a preemption notice): rerunning the same command each
+  time ends where an uninterrupted run does, bit for bit."""
   run_dir = tmp_path / "run"
 
   killed = _cli(run_dir, inject=("step", 3, "SIGKILL"))
@@ -144,11 +146,12 @@ def test_kill_anywhere_then_rerun_ends_bit_identical(tmp_path, reference):
   assert _steps(run_dir) == [5]
   assert glob.glob(f"{run_dir}/checkpoints/10.orbax-checkpoint-tmp*/commit_success.txt")
 
-  preempted = _cli(run_dir, inject=("step", 6, "SIGTERM"))
+  preempted = _cli(run_dir, inject=("step", 6, "SIGINT"))  # Ctrl-C stops as SIGTERM does
   assert preempted.returncode == workdir_lib.EXIT_PREEMPTED, preempted.stderr[-3000:]
   assert "skipping the checkpoint of step 10: its save never finished" in preempted.stderr
   assert "resumed from checkpoint at step 5" in preempted.stderr
-  assert "preemption notice (SIGTERM): saved a checkpoint at step 7 of 12" in preempted.stderr
+  assert "Ctrl-C again to abort without saving" in preempted.stderr
+  assert "Ctrl-C (SIGINT): saved a checkpoint at step 7 of 12" in preempted.stderr
   assert _steps(run_dir) == [5, 7]
   assert not glob.glob(f"{run_dir}/checkpoints/*tmp*")
 
@@ -212,15 +215,60 @@ def test_sigterm_with_the_prefetch_thread_saves_resumes_and_ends_identical(
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_ctrl_c_saves_at_the_next_step_boundary_stops_and_resumes_identical(
+    tmp_path, monkeypatch, reference, absl_warnings):
+  """The first Ctrl-C (SIGINT) stops like a preemption notice: a checkpoint at the next step
+  boundary, workdir.Preempted (exit status 75 in train.py), and the rerun ends bit-identical."""
+  real_batch = data.ActivationSource.batch
+
+  def ctrl_c(self, step, *a, **k):
+    if step == 8:
+      os.kill(os.getpid(), signal.SIGINT)
+    return real_batch(self, step, *a, **k)
+
+  monkeypatch.setattr(data.ActivationSource, "batch", ctrl_c)
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(workdir_lib.Preempted, match=r"Ctrl-C \(SIGINT\): saved a checkpoint at step "
+                                            "9 of 12 .* rerun the same command to resume"):
+    run.train_and_evaluate(tiny(**{"train.prefetch": 0}), str(tmp_path))
+  assert "Ctrl-C again to abort without saving" in absl_warnings()
+  assert signal.getsignal(signal.SIGINT) == before
+  assert _steps(tmp_path) == [5, 9]
+  monkeypatch.setattr(data.ActivationSource, "batch", real_batch)
+  run.train_and_evaluate(tiny(**{"train.prefetch": 0}), str(tmp_path))
+  _assert_same_state(_restore(tmp_path, 12), _restore(reference, 12))
+
+
+def test_second_ctrl_c_aborts_at_once_without_saving(tmp_path, monkeypatch):
+  real_batch = data.ActivationSource.batch
+  read = []
+
+  def ctrl_c_twice(self, step, *a, **k):
+    read.append(step)
+    if step == 6:  # two within one step: the first would save at step 7
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+    return real_batch(self, step, *a, **k)
+
+  monkeypatch.setattr(data.ActivationSource, "batch", ctrl_c_twice)
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    run.train_and_evaluate(tiny(**{"train.prefetch": 0}), str(tmp_path))
+  assert max(read) == 6 and _steps(tmp_path) == [5]  # no checkpoint at step 7
+  assert signal.getsignal(signal.SIGINT) == before
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_multihost_preemption_agrees_on_one_step(tmp_path):
-  """SIGTERM reaches one of two processes: JAX's preemption sync point makes both save the
-  same step and stop; rerunning both resumes and finishes."""
+  """A Ctrl-C reaches one of two processes and becomes a SIGTERM (a preemption notice) there:
+  JAX's preemption sync point makes both save the same step and stop; rerunning both resumes
+  and finishes. (A Ctrl-C takes SIGTERM's whole path, so one run tests both.)"""
   def launch(inject):
     port = _free_port()
     procs = []
@@ -233,7 +281,7 @@ def test_multihost_preemption_agrees_on_one_step(tmp_path):
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return [(p, p.communicate(timeout=300)[1]) for p in procs]
 
-  outs = launch(("step", "6", "SIGTERM", "1"))  # only process 1 gets the notice
+  outs = launch(("step", "6", "SIGINT", "1"))  # only process 1 gets the notice
   for p, err in outs:
     assert p.returncode == workdir_lib.EXIT_PREEMPTED, err[-3000:]
   saved = [err.split("saved a checkpoint at step ")[1].split(" ")[0] for _, err in outs]
@@ -538,3 +586,71 @@ def test_json_and_npz_writes_are_atomic(tmp_path, monkeypatch, reference):
   np.testing.assert_array_equal(np.load(npz)["w"], np.ones(3))
   # a finished run leaves no temporary files behind
   assert not [p for p in glob.glob(f"{reference}/**", recursive=True) if ".tmp" in p]
+
+
+def _guarded(fn) -> int:
+  """fn() run as an entry point's main: its exit status (the message goes to stderr)."""
+  with pytest.raises(SystemExit) as e:
+    cli.guard(lambda argv: fn())(["train.py"])
+  return e.value.code
+
+
+def test_full_disk_during_export_is_one_paragraph_and_keeps_the_previous_files(
+    tmp_path, monkeypatch, capsys, reference):
+  shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+  before = _snapshot(tmp_path)
+
+  def disk_full(path, **arrays):
+    with open(path, "wb") as fh:
+      fh.write(b"PK\x03")
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+
+  monkeypatch.setattr(export.np, "savez", disk_full)
+  # a finished run rerun: it resumes at its last checkpoint and exports again
+  assert _guarded(lambda: run.train_and_evaluate(tiny(), str(tmp_path))) == cli.EXIT_FAILED
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) < 10 and "Traceback" not in err, err
+  assert "the disk is full: No space left on device writing " + str(tmp_path / "export") in err
+  assert "rerun the same command" in err and "--traceback" in err
+  after = _snapshot(tmp_path)
+  assert {k: after.get(k) for k in before} == before  # every file it had is still whole
+
+
+def test_failed_checkpoint_save_stops_training_at_once(tmp_path, monkeypatch, capsys, reference):
+  """The disk fills while step 10 is saved, in orbax's background thread: training stops at the
+  next step boundary with the reason (not 5 steps later, when the next save waits on it), step
+  5 is intact, and the rerun resumes from it and ends bit-identical."""
+  from orbax.checkpoint._src.path import async_path  # orbax's last act in a commit (0.12)
+  real_rename, real_batch, real_manager = async_path.rename, data.ActivationSource.batch, \
+      checkpoint.manager
+  managers, read = [], []
+
+  async def disk_full(src, dst, *a, **k):
+    if os.path.basename(str(dst)) == "10":
+      raise OSError(errno.ENOSPC, "No space left on device", str(src))
+    return await real_rename(src, dst, *a, **k)
+
+  def batch(self, step, *a, **k):
+    read.append(step)
+    if step == 11:  # let the failure happen, however slow the machine
+      for _ in range(3000):
+        if not managers[0].is_saving_in_progress():
+          break
+        time.sleep(0.01)
+    return real_batch(self, step, *a, **k)
+
+  monkeypatch.setattr(async_path, "rename", disk_full)
+  monkeypatch.setattr(data.ActivationSource, "batch", batch)
+  monkeypatch.setattr(checkpoint, "manager", lambda *a: managers.append(real_manager(*a)) or
+                      managers[-1])
+  c = tiny(**{"train.num_steps": 20, "train.prefetch": 0})
+  assert _guarded(lambda: run.train_and_evaluate(c, str(tmp_path))) == cli.EXIT_FAILED
+  err = capsys.readouterr().err
+  assert max(s for s in read if s < 20) <= 12, read  # the next save (15) would read up to 14
+  assert len(err.splitlines()) < 10 and "Traceback" not in err, err
+  assert "the disk is full" in err and f"while saving a checkpoint into {tmp_path}" in err
+  assert _steps(tmp_path) == [5]
+
+  monkeypatch.undo()
+  run.train_and_evaluate(tiny(), str(tmp_path))  # resumes from step 5
+  _assert_same_state(_restore(tmp_path, 12), _restore(reference, 12))
