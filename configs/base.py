@@ -48,9 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.harvest.shard_tokens = 16384  # rows per .npy shard
   c.harvest.dtype = "float32"  # storage dtype: float32 | bfloat16
 
+  # Evaluation with the SAE spliced into the LM (harvest, live, or an npy store whose manifest
+  # names the LM); checked before any harvest; a finished run rerun with other eval.* keys is
+  # evaluated again, not retrained.
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_contexts = 32  # held-out contexts for delta LM loss (after the harvested ones)
-  c.eval.skip_contexts = 2000  # start of the held-out contexts in the packed text stream
+  c.eval.num_contexts = 32  # held-out contexts for delta LM loss (0: no evaluation)
+  c.eval.skip_contexts = 2000  # first held-out context in the packed text: past training's
 
   c.sae = ml_collections.ConfigDict()
   c.sae.arch = "jumprelu"  # "jumprelu" | "relu" (L1) | "gated" | "topk" (the paper's baselines)
@@ -103,10 +106,17 @@ def get_config() -> ml_collections.ConfigDict:
   # SAELens metadata left empty here is taken from the harvested store's manifest.json, if any.
   c.export = ml_collections.ConfigDict()
   c.export.saelens = True  # also write DIR/export/saelens/ (SAELens 6 folder) beside params.npz
-  c.export.model_name = ""  # SAELens metadata: the LM, e.g. "gemma-2-9b"
+  # SAELens metadata: the LM's Hugging Face id, e.g. "google/gemma-2-9b"; "": lm.model_path's
+  # (a GGUF's source repository, e.g. HuggingFaceTB/SmolLM2-135M-Instruct for the embedded
+  # Q4_1 file, whose quantisation metadata.model_quantization records; a checkpoint
+  # directory's config.json _name_or_path, else its folder name)
+  c.export.model_name = ""
   c.export.hook_name = ""  # SAELens metadata: TransformerLens hook, e.g. "blocks.20.hook_resid_post"
   c.export.context_size = 0  # SAELens metadata: tokens per context the LM saw (0: unset)
-  c.export.dataset_path = ""  # SAELens metadata: the text data set, e.g. "monology/pile-uncopyrighted"
+  # SAELens metadata: the text data set; "": the dataset name (text.source='hf', e.g.
+  # "monology/pile-uncopyrighted"), the glob (files), or "python-stdlib-docstrings (Python
+  # X.Y.Z)" (stdlib: the docstrings of that Python version's standard library)
+  c.export.dataset_path = ""
   c.export.density_batches = 4  # batches (of train.batch_size) that estimate firing densities
 
   c.mesh = ml_collections.ConfigDict()

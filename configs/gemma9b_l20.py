@@ -41,7 +41,7 @@ def get_config():
   c.train.log_every = 1000
   c.train.checkpoint_every = 20000
   c.train.dead_window_tokens = 10_000_000
-  c.export.model_name = "gemma-2-9b"
+  c.export.model_name = "google/gemma-2-9b"  # its Hugging Face id, which TransformerLens loads
   c.export.hook_name = "blocks.20.hook_resid_post"
   c.export.context_size = 1024
   # Above 16k wide Gemma Scope split the dictionary across devices (tensor parallel).

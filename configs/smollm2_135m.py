@@ -27,7 +27,7 @@ def get_config():
   c.harvest.num_tokens = 100_000
   c.harvest.shard_tokens = 16384
   c.eval.num_contexts = 32
-  c.eval.skip_contexts = 1200  # past the ~900 contexts the harvest reads
+  c.eval.skip_contexts = 1200  # past the 809 contexts the harvest reads (checked before it)
   c.sae.width = 2048
   c.sae.sparsity_coefficient = 1e-3
   # Normalised pre-activations at D=576 are ~0.05–0.5; from the recipe's θ = 0.001 log θ would

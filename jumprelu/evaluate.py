@@ -22,28 +22,160 @@ import numpy as np
 from absl import logging
 
 from jumprelu import arch as arch_lib
-from jumprelu import export, files, logs, sae, sweep
+from jumprelu import data, export, files, logs, sae, sweep
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 
 
+# ----------------------------------------------------------------------------- the inputs
+
+# Checking the eval settings up front tokenises the packed text up to the last held-out context
+# (~0.5M tokens/s on a CPU core); past this many tokens the check counts nothing and says so.
+CHECK_TOKENS = 1 << 22
+_SCAN = {}  # the latest _scan_text: the up-front check and the evaluation read the text once
+
+
+def skip_reason(c, workdir: str | None) -> str | None:
+  """Why the job does not evaluate this run ("" if by design: no LM or eval.num_contexts=0), or
+  None if it does: a harvest, live training, or a store whose manifest names this LM and site."""
+  if c.eval.num_contexts == 0 or c.data.source == "synthetic":
+    return ""
+  if c.data.source != "npy":
+    return None
+  store = workdir_lib.store_path(c, workdir)
+  spec = (data.read_manifest(store) or {}).get("spec", {})
+  missing = [k for k in ("model", "site", "context_len", "text") if k not in spec]
+  if missing:
+    return (f"data.path={store!r} has no manifest.json naming {', '.join(missing)} (a harvested "
+            "store has one), so the LM and the text it came from are unknown")
+  try:
+    model = lm_act.model_name(c)
+  except FileNotFoundError as e:
+    return f"the store's LM {spec['model']!r} is not here ({e})"
+  wanted = {"model": (model, "lm.model_path"), "context_len": (c.lm.context_len, "lm.context_len"),
+            "text": (f"{c.text.source}:{c.text.path}", "text.source and text.path"),
+            "skip_positions": (c.lm.skip_positions, "lm.skip_positions")}
+  diffs = [f"{key} {spec[k]!r} (config: {v!r})" for k, (v, key) in wanted.items()
+           if k in spec and spec[k] != v]
+  if diffs:
+    return (f"the store at data.path={store!r} was harvested with another " + ", ".join(diffs) +
+            "; set those keys as the store has them to evaluate on its LM")
+  return None
+
+
+def check_inputs(c, workdir: str) -> bool:
+  """Before any harvest or training: whether the job will evaluate, and if it will, refuses
+  eval.* settings whose held-out contexts are not in the packed text or overlap the contexts
+  training reads, with the true counts. Loads the LM (harvest and evaluation reuse it)."""
+  reason = skip_reason(c, workdir)
+  if reason:
+    logging.info("no evaluation with the LM: %s", reason)
+  if reason is not None:
+    return False
+  first, stop = c.eval.skip_contexts, c.eval.skip_contexts + c.eval.num_contexts
+  used, who = _training_contexts(c, workdir)
+  if used is not None and first < used:
+    raise ValueError(_overlap(c, used, who))
+  if used is None:  # a harvest to come; no context holds more than L − 1 − skip_positions rows
+    least = -(-c.harvest.num_tokens // (c.lm.context_len - 1 - c.lm.skip_positions))
+    if first < least:
+      raise ValueError(_overlap(c, least, f"the harvest (harvest.num_tokens="
+                                f"{c.harvest.num_tokens}) reads", at_least=True))
+  if stop * c.lm.context_len > CHECK_TOKENS:
+    logging.info("eval: not counting text.source %r's contexts up front (up to context %d of "
+                 "%d tokens is over %d tokens); evaluation after training checks that they "
+                 "exist", c.text.source, stop, c.lm.context_len, CHECK_TOKENS)
+    return True
+  _, cfg, tokenizer, _ = lm_act.load_lm(c)
+  held, kept = _scan_text(c, cfg, tokenizer)
+  if used is None:  # a harvest to come: it reads contexts until it has harvest.num_tokens
+    used, who = _harvest_contexts(c, kept), "the harvest (harvest.num_tokens="
+    who += f"{c.harvest.num_tokens}) reads"
+  if len(held) < c.eval.num_contexts:
+    raise ValueError(_too_short(c, len(kept), used, who))
+  if used is None or first < used:
+    raise ValueError(_overlap(c, used, who, counted=len(kept)))
+  return True
+
+
 def held_out_contexts(c, cfg, tokenizer, harvested_contexts: int | None = None) -> np.ndarray:
   """eval.num_contexts contexts from eval.skip_contexts on, in the packed text stream."""
   if harvested_contexts is not None and c.eval.skip_contexts < harvested_contexts:
-    raise ValueError(f"eval.skip_contexts={c.eval.skip_contexts} overlaps the "
-                     f"{harvested_contexts} contexts harvested for training; set it to at "
-                     f"least {harvested_contexts}")
-  stream = lm_act.contexts(c, cfg, tokenizer)
-  out = list(itertools.islice(stream, c.eval.skip_contexts, c.eval.skip_contexts +
-                              c.eval.num_contexts))
-  if len(out) < c.eval.num_contexts:
-    raise ValueError(f"text.source {c.text.source!r} has only "
-                     f"{c.eval.skip_contexts + len(out)} contexts of {c.lm.context_len} tokens; "
-                     f"lower eval.skip_contexts ({c.eval.skip_contexts}) or eval.num_contexts "
-                     f"({c.eval.num_contexts})")
-  return np.stack(out)
+    raise ValueError(_overlap(c, harvested_contexts, "training read"))
+  held, kept = _scan_text(c, cfg, tokenizer)
+  if len(held) < c.eval.num_contexts:
+    raise ValueError(_too_short(c, len(kept), harvested_contexts, "training read"))
+  return held
 
+
+def _scan_text(c, cfg, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(the held-out contexts [≤ eval.num_contexts, L], the kept-token count of every context the
+  text yields up to their end); fewer when the text ends first."""
+  first, stop = c.eval.skip_contexts, c.eval.skip_contexts + c.eval.num_contexts
+  key = (id(tokenizer), cfg.bos_id, cfg.eos_id, cfg.pad_id, c.lm.skip_positions,
+         c.lm.context_len, c.text.source, c.text.path, c.text.field, c.text.split, first, stop)
+  if _SCAN.get("key") != key or _SCAN.get("tokenizer") is not tokenizer:
+    held, kept = [], np.zeros(stop, np.int32)
+    n = 0
+    for n, tokens in enumerate(itertools.islice(lm_act.contexts(c, cfg, tokenizer), stop), 1):
+      kept[n - 1] = np.count_nonzero(lm_act.keep_mask(cfg, tokens[None], c.lm.skip_positions))
+      if n > first:
+        held.append(tokens)
+    held = np.stack(held) if held else np.zeros((0, c.lm.context_len), np.int32)
+    _SCAN.update(key=key, tokenizer=tokenizer, value=(held, kept[:n]))
+  return _SCAN["value"]
+
+
+def _training_contexts(c, workdir: str) -> tuple[int | None, str]:
+  """(the contexts training reads, who reads them), known without reading the text: live
+  training's chunks or a finished harvest's manifest; None before a harvest."""
+  if c.data.source == "live":
+    return workdir_lib.contexts_used(c, workdir), (
+        f"live training (train.num_steps={c.train.num_steps} in chunks of "
+        f"data.live_chunk_contexts={c.data.live_chunk_contexts}) reads")
+  manifest = data.read_manifest(workdir_lib.store_path(c, workdir))
+  if manifest is not None and (manifest.get("complete") or c.data.source == "npy"):
+    return workdir_lib.contexts_used(c, workdir), "the harvested store's training read"
+  return None, ""
+
+
+def _harvest_contexts(c, kept_N: np.ndarray) -> int | None:
+  """workdir.contexts_used after a harvest of harvest.num_tokens, from each context's kept-token
+  count (None: more contexts than counted); the harvest stops inside or right after one."""
+  total = np.cumsum(kept_N)
+  i = int(np.searchsorted(total, c.harvest.num_tokens))  # the first context that completes it
+  if i == len(total):
+    return None
+  return i + 1 if total[i] > c.harvest.num_tokens else i + 2  # at a context's end: next one
+
+
+def _too_short(c, total: int, used: int | None, who: str) -> str:
+  first, num = c.eval.skip_contexts, c.eval.num_contexts
+  text = (f"text.source {c.text.source!r} yields {total} contexts of {c.lm.context_len} tokens, "
+          f"but eval needs contexts {first}..{first + num - 1} (eval.skip_contexts={first}, "
+          f"eval.num_contexts={num}); ")
+  if used is None or total - num >= used:
+    past = "" if used is None else f" and make sure it stays past the {used} contexts {who}"
+    return text + f"lower eval.skip_contexts to at most {total - num}{past}"
+  return text + (f"the {used} contexts {who} leave {max(total - used, 0)}: lower "
+                 "eval.num_contexts or harvest.num_tokens, or use a longer text")
+
+
+def _overlap(c, used: int | None, who: str, counted: int = 0, at_least: bool = False) -> str:
+  first = c.eval.skip_contexts
+  if used is None:
+    return (f"eval.skip_contexts={first} overlaps the contexts {who}: more than the {counted} "
+            f"the text yields up to the last held-out one; lower harvest.num_tokens, or raise "
+            f"eval.skip_contexts with a longer text")
+  if at_least:
+    return (f"eval.skip_contexts={first} overlaps the contexts {who} (at least {used}); set it "
+            f"to at least {used}")
+  return (f"eval.skip_contexts={first} overlaps the {used} contexts {who}; set it to at least "
+          f"{used}")
+
+
+# ----------------------------------------------------------------------------- the metrics
 
 def _ce_BxL(logits_BxLxV, tokens_BxL):
   """Cross-entropy of predicting token t+1 at position t (the last position gets 0)."""
@@ -176,18 +308,37 @@ def summarize(t: dict) -> dict:
   }
 
 
-TABLE_KEYS = ("arch", "tokens", "ce_clean", "ce_sae", "ce_zero_ablation", "delta_lm_loss",
-              "loss_recovered", "kl_clean_sae", "l0", "fvu", "shrinkage_gamma",
-              "frac_features_over_10pct", "frac_features_over_1pct",
-              "frac_features_dead_on_eval", "threshold_mean", "frac_preacts_in_window")
+# eval.json key -> (the table's label with its unit, the factor shown: fractions as percent).
+TABLE_ROWS = {
+    "arch": ("architecture", None),
+    "tokens": ("eval tokens [tokens]", None),
+    "ce_clean": ("CE clean [nats/token]", 1),
+    "ce_sae": ("CE with SAE spliced in [nats/token]", 1),
+    "ce_zero_ablation": ("CE with site zero-ablated [nats/token]", 1),
+    "delta_lm_loss": ("delta LM loss [nats/token]", 1),
+    "loss_recovered": ("loss recovered [%]", 100),
+    "kl_clean_sae": ("KL(clean || SAE) [nats/token]", 1),
+    "l0": ("L0 [features/token]", 1),
+    "fvu": ("FVU [fraction of variance]", 1),
+    "shrinkage_gamma": ("shrinkage gamma [ratio; < 1: shrunk]", 1),
+    "frac_features_over_10pct": ("features firing on > 10% of tokens [% of features]", 100),
+    "frac_features_over_1pct": ("features firing on > 1% of tokens [% of features]", 100),
+    "frac_features_dead_on_eval": ("dead on eval: never fired on these tokens [% of features]",
+                                   100),
+    "threshold_mean": ("threshold mean [raw activation units]", 1),
+    "frac_preacts_in_window": ("pre-activations within eps/2 of theta [%]", 100),
+}
 
 
 def table(result: dict) -> str:
-  """A two-column text table of the scalar results."""
-  rows = [(k, f"{result[k]:.4f}" if isinstance(result[k], float) else str(result[k]))
-          for k in TABLE_KEYS if k in result]
-  width = max(len(k) for k, _ in rows)
-  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+  """A two-column text table of the scalar results, each labelled with its unit."""
+  rows = []
+  for key, (label, factor) in TABLE_ROWS.items():
+    v = result.get(key)
+    if key in result:
+      rows.append((label, "n/a" if v is None else f"{v * factor:.4g}" if factor else str(v)))
+  width = max(len(label) for label, _ in rows)
+  return "\n".join(f"{label:<{width}}  {v}" for label, v in rows)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -239,6 +390,9 @@ def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
     if jax.process_index() == 0:
       os.makedirs(rdir, exist_ok=True)
       files.save_json(os.path.join(rdir, "eval.json"), result)
+      scalars = {k: v for k, v in result.items() if k != "firing_frequency" and
+                 isinstance(v, int | float) and not isinstance(v, bool)}
+      logs.write_eval(rdir, rc.train.num_steps, scalars, tensorboard=rc.log.tensorboard)
       logging.info("evaluation of %s on %d held-out tokens at %s:\n%s", rdir, result["tokens"],
                    rc.lm.site, table(result))
   return results

@@ -9,7 +9,8 @@ a 0-d string array naming it:
   topk      W_enc, b_enc, W_dec, b_dec, k (0-d int32)
   gated     W_gate, b_gate, r_mag, b_mag, W_dec, b_dec
 A SAELens folder is
-  cfg.json                  architecture, d_in, d_sae, dtype, ..., metadata {model_name, ...}
+  cfg.json                  architecture, d_in, d_sae, dtype, ..., metadata {model_name (the
+                            LM's Hugging Face id), model_quantization, dataset_path, ...}
   sae_weights.safetensors   the arrays above, under SAELens's names
   sparsity.safetensors      "sparsity": log10 firing density per feature [F] (optional)
 as written by SAELens 6 (`SAE.save_model`) and read by `SAE.load_from_disk`. Every file is
@@ -17,6 +18,7 @@ written with files.atomic_write.
 """
 import json
 import os
+import platform
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -146,19 +148,38 @@ def save_saelens(directory: str, params_raw: dict, *, model_name: str, hook_name
   files.atomic_write(os.path.join(directory, SAELENS_CFG), write_cfg)  # last: a cfg.json has weights
 
 
+def dataset_path(text: str, python_version: str | None = None) -> str:
+  """SAELens's dataset_path for the text a store was harvested from ("SOURCE:PATH", as in its
+  manifest): the dataset name (hf), the glob (files), or for stdlib, which no hub holds,
+  "python-stdlib-docstrings (Python X.Y.Z)": the docstrings differ between Python versions."""
+  source, _, path = text.partition(":")
+  if source != "stdlib":
+    return path
+  return "python-stdlib-docstrings" + (f" (Python {python_version})" if python_version else "")
+
+
 def save_saelens_for_run(c, directory: str, params_raw: dict, density_F, norm_scale,
-                         manifest: dict | None = None) -> None:
+                         manifest: dict | None = None, lm_info: dict | None = None) -> None:
   """save_saelens with the metadata in config section `export`; keys left empty there come from
-  the activation store's manifest (a harvest records its model, hook and context length)."""
+  the LM the activations came from (`lm_info`: lm.activations.model_info, when known) and the
+  activation store's manifest (a harvest records its model, hook and context length)."""
   spec = (manifest or {}).get("spec", {})
+  lm_info = lm_info or {}
+  if c.data.source in ("harvest", "live"):  # this process read the text
+    dataset = dataset_path(f"{c.text.source}:{c.text.path}", platform.python_version())
+  else:
+    dataset = dataset_path(spec["text"]) if spec.get("text") else c.data.path
   save_saelens(directory, params_raw, density_F=density_F,
-               model_name=c.export.model_name or spec.get("model", ""),
+               model_name=c.export.model_name or lm_info.get("model_name") or spec.get("model", ""),
                hook_name=c.export.hook_name or spec.get("hook_name", ""),
                context_size=c.export.context_size or spec.get("context_len", 0),
-               dataset_path=c.export.dataset_path or spec.get("text", "") or c.data.path,
+               dataset_path=c.export.dataset_path or dataset,
                extra_metadata={"normalization_scale": float(norm_scale),
                                "sparsity_coefficient": c.sae.sparsity_coefficient,
-                               "density_tokens": c.export.density_batches * c.train.batch_size})
+                               "density_tokens": c.export.density_batches * c.train.batch_size,
+                               # e.g. "Q4_1": activations of a quantised model, not the original
+                               "model_quantization": lm_info.get("model_quantization"),
+                               "model_file": lm_info.get("model_file")})
 
 
 def load_saelens(directory: str) -> tuple[dict, dict]:

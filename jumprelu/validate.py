@@ -117,8 +117,14 @@ def check_config(c) -> None:
     need(c.harvest.num_tokens > 0, "harvest.num_tokens", "> 0")
     need(c.harvest.shard_tokens > 0, "harvest.shard_tokens", "> 0")
     need(c.harvest.dtype in ("float32", "bfloat16"), "harvest.dtype", "float32 or bfloat16")
-    need(c.eval.num_contexts >= 0, "eval.num_contexts", ">= 0")
-    need(c.eval.skip_contexts >= 0, "eval.skip_contexts", ">= 0")
+  # An npy store's manifest may name its LM, which then evaluates the SAE (evaluate.skip_reason).
+  need(c.eval.num_contexts >= 0, "eval.num_contexts", ">= 0 (0: no evaluation with the LM)")
+  need(c.eval.skip_contexts >= 0, "eval.skip_contexts", ">= 0")
+  reads_text = c.data.source in ("harvest", "live") or (
+      c.data.source == "npy" and c.eval.num_contexts > 0)
+  need(not reads_text or c.text.source != "hf" or importlib.util.find_spec("datasets")
+       is not None, "text.source", "'stdlib' or 'files' when the datasets package is not "
+       "installed (pip install datasets)")
   if c.data.source == "synthetic":
     s = c.data.synthetic
     need(s.n_rows > 0, "data.synthetic.n_rows", "> 0")

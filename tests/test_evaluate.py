@@ -65,6 +65,16 @@ def test_eval_contexts_must_be_held_out(setup):
     evaluate.held_out_contexts(c, lm[1], lm[2], harvested_contexts=50)
 
 
+def test_too_short_text_is_named_with_its_true_length(setup):
+  c, lm, _ = setup
+  c = c.copy_and_resolve_references()
+  c.eval.skip_contexts = 20000  # past the end of the text: it has 12,200 contexts of 16 tokens
+  with pytest.raises(ValueError, match=r"^text.source 'stdlib' yields 12200 contexts of 16 "
+                     r"tokens, but eval needs contexts 20000..20009 \(eval.skip_contexts=20000, "
+                     r"eval.num_contexts=10\); lower eval.skip_contexts to at most 12190$"):
+    evaluate.held_out_contexts(c, lm[1], lm[2])
+
+
 def _perfect(arch, d=16):
   """_perfect_sae in each architecture's raw-unit layout (arch.raw_params)."""
   p = _perfect_sae(d)

@@ -1,6 +1,7 @@
 """SAELens and Gemma Scope formats: files as documented, round trips, folders SAELens wrote."""
 import json
 import os
+import platform
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jumprelu import data, export, files, run, sae
+from jumprelu.lm import load
 from tests.conftest import tiny
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "saelens_jumprelu")
@@ -145,19 +147,67 @@ def test_training_writes_the_saelens_folder_with_firing_densities(tmp_path):
                              np.mean(np.asarray(f) > 0, axis=0), atol=1e-6)
 
 
-def test_run_metadata_comes_from_the_config_or_else_the_harvested_store(tmp_path):
+def test_run_metadata_comes_from_the_config_or_else_the_lm_and_the_harvested_store(tmp_path):
   raw = export.raw_params("jumprelu", _trained_like_params(), 1.0)
   manifest = {"spec": {"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "context_len": 128,
                        "hook_name": "blocks.14.hook_resid_post", "text": "stdlib:"}}
-  export.save_saelens_for_run(tiny(), str(tmp_path / "a"), raw, None, 2.0, manifest)
+  lm_info = {"model_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "model_quantization": "Q4_1",
+             "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+  c = tiny(**{"data.source": "harvest"})
+  export.save_saelens_for_run(c, str(tmp_path / "a"), raw, None, 2.0, manifest, lm_info)
   meta = json.load(open(tmp_path / "a" / "cfg.json"))["metadata"]
   assert (meta["model_name"], meta["hook_name"], meta["context_size"], meta["dataset_path"]) == (
-      "SmolLM2-135M-Instruct.Q4_1.gguf", "blocks.14.hook_resid_post", 128, "stdlib:")
+      "HuggingFaceTB/SmolLM2-135M-Instruct", "blocks.14.hook_resid_post", 128,
+      f"python-stdlib-docstrings (Python {platform.python_version()})")
+  assert (meta["model_quantization"], meta["model_file"]) == ("Q4_1", lm_info["model_file"])
   assert meta["normalization_scale"] == 2.0
-  c = tiny(**{"export.model_name": "gemma-2-9b", "export.hook_name": "blocks.20.hook_resid_post",
-              "export.context_size": 1024, "export.dataset_path": "monology/pile-uncopyrighted"})
+  # An npy store harvested elsewhere: its manifest's model file, no Python version known.
+  export.save_saelens_for_run(tiny(**{"data.path": "/store"}), str(tmp_path / "n"), raw, None,
+                              2.0, manifest)
+  meta = json.load(open(tmp_path / "n" / "cfg.json"))["metadata"]
+  assert (meta["model_name"], meta["dataset_path"], meta["model_quantization"]) == (
+      "SmolLM2-135M-Instruct.Q4_1.gguf", "python-stdlib-docstrings", None)
+  for source, path in (("hf", "monology/pile-uncopyrighted"), ("files", "/data/**/*.jsonl")):
+    c = tiny(**{"data.source": "live", "text.source": source, "text.path": path})
+    export.save_saelens_for_run(c, str(tmp_path / source), raw, None, 2.0, None, lm_info)
+    assert json.load(open(tmp_path / source / "cfg.json"))["metadata"]["dataset_path"] == path
+  c = tiny(**{"export.model_name": "google/gemma-2-9b",
+              "export.hook_name": "blocks.20.hook_resid_post", "export.context_size": 1024,
+              "export.dataset_path": "monology/pile-uncopyrighted"})
   export.save_saelens_for_run(c, str(tmp_path / "b"), raw, None, 2.0, manifest)
   meta = json.load(open(tmp_path / "b" / "cfg.json"))["metadata"]
   assert (meta["model_name"], meta["hook_name"], meta["context_size"], meta["dataset_path"]) == (
-      "gemma-2-9b", "blocks.20.hook_resid_post", 1024, "monology/pile-uncopyrighted")
+      "google/gemma-2-9b", "blocks.20.hook_resid_post", 1024, "monology/pile-uncopyrighted")
   assert not os.path.exists(tmp_path / "b" / "sparsity.safetensors")  # no densities given
+
+
+def _gguf(path, **fields):
+  """A GGUF file holding only the given general.* metadata (no tensors)."""
+  import gguf
+  w = gguf.GGUFWriter(str(path), "llama")
+  for key, value in fields.items():
+    (w.add_uint32 if isinstance(value, int) else w.add_string)(f"general.{key}", value)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def test_model_id_is_the_hugging_face_repository_the_model_came_from(tmp_path):
+  # As in the embedded SmolLM2 file: an organisation and a llama.cpp file name, no source URL.
+  path = _gguf(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", organization="HuggingFaceTB",
+               name="Smollm2 135M 8k Lc100K Mix1 Ep2", file_type=3)
+  assert load.model_info(path) == {"model_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                    "model_quantization": "Q4_1",
+                                    "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+  path = _gguf(tmp_path / "model-q8_0.gguf", organization="Other", file_type=7,
+               **{"source.url": "https://huggingface.co/org/Real-Model"})
+  assert load.model_info(path)["model_name"] == "org/Real-Model"
+  assert load.model_info(path)["model_quantization"] == "Q8_0"
+  for name_or_path, expected in (("google/gemma-2-9b", "google/gemma-2-9b"), (None, "ckpt")):
+    folder = tmp_path / str(name_or_path is None) / "ckpt"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": name_or_path}))
+    assert load.model_info(str(folder)) == {"model_name": expected, "model_quantization": None,
+                                            "model_file": "ckpt"}

@@ -36,7 +36,14 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
   assert 1.0 < result["ce_clean"] < 6.0
   assert result["ce_zero_ablation"] > result["ce_clean"] + 1.0
   assert np.isfinite(result["delta_lm_loss"]) and len(result["firing_frequency"]) == 256
-  assert "delta_lm_loss" in run.stderr  # the summary table
+  assert "delta LM loss [nats/token]" in run.stderr  # the eval table, with units
+  assert "delta LM loss, eval [nats/token]" in run.stderr and "export/saelens/" in run.stderr
+  # SAELens metadata that loads the model: the Hugging Face id the GGUF was converted from.
+  meta = json.load(open(tmp_path / "export" / "saelens" / "cfg.json"))["metadata"]
+  assert (meta["model_name"], meta["model_quantization"]) == (
+      "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1")
+  assert meta["dataset_path"].startswith("python-stdlib-docstrings (Python 3.")
+  assert manifest["spec"]["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # stores resume as before
 
   # Both exports, imported again, encode and decode real SmolLM2 activations as the trained SAE
   # does (normalisation folded in): the round trip the interop issue asks for.
@@ -64,11 +71,12 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
     np.testing.assert_allclose(sae.decode(params, f), x_hat_ref, rtol=1e-5,
                                atol=1e-6 * scale, err_msg=path)
 
-  # experiments/evaluate.py on the SAELens export gives the job's own evaluation.
+  # experiments/evaluate.py on the SAELens export gives the job's own evaluation (with the run's
+  # config.json, a key of it overridden to the value it has).
   job = json.load(open(tmp_path / "eval.json"))
   again = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--workdir={tmp_path}",
-       f"--params={tmp_path / 'export' / 'saelens'}"],
+       f"--params={tmp_path / 'export' / 'saelens'}", "--config.eval.num_contexts=4"],
       capture_output=True, text=True, cwd=REPO, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   result = json.load(open(tmp_path / "eval.json"))

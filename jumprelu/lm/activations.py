@@ -73,4 +73,10 @@ def site_fn(cfg, site):
 
 
 def model_name(c) -> str:
+  """lm.model_path's file or folder name: what a harvested store's manifest records as "model"."""
   return os.path.basename(os.path.normpath(c.lm.model_path or load.default_model_path()))
+
+
+def model_info(c) -> dict:
+  """lm.model_path's Hugging Face id, quantisation and file name, for export metadata."""
+  return load.model_info(c.lm.model_path or load.default_model_path())

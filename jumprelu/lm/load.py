@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,67 @@ def load(path: str, param_dtype=jnp.float32):
   raise FileNotFoundError(
       f"Model path {path!r} is neither a .gguf file nor a directory with config.json and "
       "*.safetensors.")
+
+
+def model_info(path: str) -> dict:
+  """What other tools need to load the model at `path`: {"model_name": its Hugging Face id,
+  "model_quantization": e.g. "Q4_1" (None: not quantised), "model_file": the file or folder}.
+  A path that is neither a .gguf file nor a checkpoint directory gives its basename."""
+  key = os.path.abspath(path)
+  if key not in _MODEL_INFO:
+    if os.path.isfile(path) and path.endswith(".gguf"):
+      import gguf  # Only GGUF files need it.
+      _MODEL_INFO[key] = _gguf_info(gguf.GGUFReader(path).fields, path)
+    else:
+      _MODEL_INFO[key] = _hf_info(path)
+  return _MODEL_INFO[key]
+
+
+_MODEL_INFO = {}  # abspath -> model_info; load_gguf fills it (a GGUF's header parses in seconds)
+# llama.cpp names its files NAME.QUANT.gguf or NAME-QUANT.gguf (Q4_1, Q8_0, IQ4_XS, F16, ...)
+_QUANT_SUFFIX = re.compile(r"[.-]((?:I?Q\d\w*)|F16|F32|BF16)$", re.IGNORECASE)
+
+
+def _hf_id(url: str) -> str | None:
+  m = re.match(r"https?://huggingface\.co/([^/\s]+/[^/\s]+)", url or "")
+  return m.group(1) if m else None
+
+
+def _gguf_info(fields, path: str) -> dict:
+  """model_info from GGUF metadata: the Hugging Face repository it was converted from
+  (general.source.*), else general.organization / the file name without its quantisation, which
+  is what the embedded SmolLM2 file gives (HuggingFaceTB/SmolLM2-135M-Instruct). The
+  general.base_model.* keys name the model a fine-tune started from, so they are not used."""
+  text = lambda key: str(fields[key].contents()) if key in fields else ""
+  stem = _QUANT_SUFFIX.sub("", os.path.basename(path)[:-len(".gguf")])
+  org = text("general.organization")
+  name = (_hf_id(text("general.source.repo_url")) or _hf_id(text("general.source.url")) or
+          (f"{org}/{stem}" if org else stem))
+  quant = None
+  if "general.file_type" in fields:
+    import gguf
+    try:
+      quant = gguf.LlamaFileType(int(fields["general.file_type"].contents())).name
+      quant = quant.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:  # a file type newer than this gguf package
+      quant = None
+  if quant is None:
+    m = _QUANT_SUFFIX.search(os.path.basename(path)[:-len(".gguf")])
+    quant = m.group(1).upper() if m else None
+  if quant in ("F32", "F16", "BF16"):  # float weights: not a quantisation
+    quant = None
+  return {"model_name": name, "model_quantization": quant, "model_file": os.path.basename(path)}
+
+
+def _hf_info(path: str) -> dict:
+  """model_info of a checkpoint directory: config.json's _name_or_path, else the folder name."""
+  folder = os.path.basename(os.path.normpath(path))
+  name = folder
+  config = os.path.join(path, "config.json")
+  if os.path.isfile(config):
+    with open(config) as fh:
+      name = json.load(fh).get("_name_or_path") or folder
+  return {"model_name": name, "model_quantization": None, "model_file": folder}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +156,7 @@ def load_gguf(path: str, param_dtype=jnp.float32):
 
   reader = gguf.GGUFReader(path)
   fields = reader.fields
+  _MODEL_INFO[os.path.abspath(path)] = _gguf_info(fields, path)
   arch = fields["general.architecture"].contents()
   if arch != "llama":
     raise ValueError(
