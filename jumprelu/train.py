@@ -188,7 +188,7 @@ def fit(c, workdir: str, source, mesh) -> tuple[TrainState, dict]:
   try:
     state, last = _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members)
   finally:
-    mngr.wait_until_finished()  # a save in flight completes even if training stops on an error
+    checkpoint.saved(mngr, wait=True)  # a save in flight completes even if training stops
     writer.close()
   if not last:  # resumed from the final checkpoint (killed after it): reuse its logged metrics
     last = workdir_lib.logged_metrics(workdir, num_steps)
@@ -248,7 +248,7 @@ def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
   # Rows replaced since the last metrics line; a resumed run recounts the steps it skips over.
   replaced_since_log = sum(read_rows(c, source, mesh, s)[1] for s in range(
       start - start % log_every, start)) if c.data.skip_nonfinite else 0
-  last, pending = {}, None
+  last, pending, saving = {}, None, False
   preempted, stop_listening = workdir_lib.preemption_notice()
   batches = data.Prefetch(to_devices, range(start, num_steps), c.train.prefetch)
   try:
@@ -264,14 +264,18 @@ def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
       if (step + 1) % log_every == 0:
         replaced_since_log = 0
       stop = preempted(step + 1)  # every process calls this at every step
-      if stop or (step + 1) % c.train.checkpoint_every == 0 or step + 1 == num_steps:
+      save = stop or (step + 1) % c.train.checkpoint_every == 0 or step + 1 == num_steps
+      if saving and checkpoint.saved(mngr, wait=save):  # a failed save stops training here
+        saving = False
+      if save:
         last, pending = _record(c, writer, members, *pending), None
         checkpoint.save(mngr, step + 1, state)
+        saving = True
       if stop:
-        mngr.wait_until_finished()
+        checkpoint.saved(mngr, wait=True)
         raise workdir_lib.Preempted(
-            f"preemption notice (SIGTERM): saved a checkpoint at step {step + 1} of {num_steps} "
-            f"in {workdir} and stopped; rerun the same command to resume")
+            f"{stop}: saved a checkpoint at step {step + 1} of {num_steps} in {workdir} and "
+            "stopped; rerun the same command to resume")
     if pending is not None:
       last = _record(c, writer, members, *pending)
   finally:

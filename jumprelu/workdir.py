@@ -30,11 +30,11 @@ RESUMABLE_KEYS = ("eval.num_contexts", "eval.skip_contexts",
 RUN_OUTPUTS = ("checkpoints", "checkpoints_rejected", "export", "metrics.jsonl",
                "histograms.jsonl", "tensorboard", "wandb_id", "summary.json", "config.json",
                "members", "eval.json")
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice; rerun the command to resume
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice or Ctrl-C; rerun to resume
 
 
 class Preempted(Exception):
-  """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint."""
+  """Training stopped on a preemption notice (SIGTERM) or a Ctrl-C after saving a checkpoint."""
 
 
 def flat(d: dict, prefix="") -> dict:
@@ -101,20 +101,52 @@ def check_config(c, workdir: str) -> None:
 
 
 def preemption_notice():
-  """(reached, stop): reached(step) turns True at the step boundary where every process should
-  save and stop after a preemption notice (SIGTERM); stop() stops listening."""
+  """(reason, stop): reason(step) turns from "" to why training stops (every process at the same
+  step boundary, after saving) once a preemption notice (SIGTERM) or a first Ctrl-C (SIGINT)
+  came; a second Ctrl-C raises KeyboardInterrupt at once. stop() stops listening."""
+  on_main = threading.current_thread() is threading.main_thread()  # signals reach it alone
   if jax.process_count() > 1:
-    # JAX's preemption service catches SIGTERM on any host and picks one step for all of them.
-    return multihost_utils.reached_preemption_sync_point, lambda: None
-  if threading.current_thread() is not threading.main_thread():
+    # JAX's preemption service catches SIGTERM on any host and picks one step for all of them;
+    # a Ctrl-C on any host becomes such a notice.
+    if not on_main:
+      return _sync_point, lambda: None
+    return _sync_point, _on_first_ctrl_c(lambda: os.kill(os.getpid(), signal.SIGTERM))
+  if not on_main:
     logging.warning("train_and_evaluate is not on the main thread, so a SIGTERM (preemption "
-                    "notice) cannot be caught: it kills the run, which resumes from the last "
-                    "checkpoint")
-    return lambda step: False, lambda: None
+                    "notice) or Ctrl-C cannot be caught: it kills the run, which resumes from the "
+                    "last checkpoint")
+    return lambda step: "", lambda: None
   received = []
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  previous = signal.signal(signal.SIGTERM,
+                           lambda signum, frame: received.append("preemption notice (SIGTERM)"))
   restore = previous if previous is not None else signal.SIG_DFL
-  return lambda step: bool(received), lambda: signal.signal(signal.SIGTERM, restore)
+  stop_ctrl_c = _on_first_ctrl_c(lambda: received.append("Ctrl-C (SIGINT)"))
+
+  def stop():
+    signal.signal(signal.SIGTERM, restore)
+    stop_ctrl_c()
+  return lambda step: received[0] if received else "", stop
+
+
+def _sync_point(step: int) -> str:
+  reached = multihost_utils.reached_preemption_sync_point(step)
+  return "preemption notice (SIGTERM, or Ctrl-C on a process)" if reached else ""
+
+
+def _on_first_ctrl_c(notice):
+  """Calls notice() on the first Ctrl-C and gives SIGINT back to its handler (Python's raises
+  KeyboardInterrupt), so a second one aborts at once; returns a function that stops listening."""
+  previous = signal.getsignal(signal.SIGINT)
+  if previous in (signal.SIG_IGN, None):  # ignored (a background job), or not set from Python
+    return lambda: None
+
+  def first(signum, frame):
+    signal.signal(signal.SIGINT, previous)
+    logging.warning("Ctrl-C: saving a checkpoint at the next step boundary, then stopping (rerun "
+                    "the same command to resume); Ctrl-C again to abort without saving")
+    notice()
+  signal.signal(signal.SIGINT, first)
+  return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def process_sum(n: int) -> int:
