@@ -58,7 +58,7 @@ def main(argv):
   except workdir_lib.Preempted as e:  # a checkpoint is saved; schedulers may requeue on this
     logging.warning("%s (exit status %d)", e, workdir_lib.EXIT_PREEMPTED)
     sys.exit(workdir_lib.EXIT_PREEMPTED)
-  logging.info("done: %s", summary)
+  logging.info("%s", run.report(_CONFIG.value, _WORKDIR.value, summary))
 
 
 if __name__ == "__main__":
