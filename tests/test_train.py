@@ -87,6 +87,12 @@ def test_schedules_follow_the_recipe():
   assert float(train.sparsity_coefficient(c, 20000)) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("sae.bandwidth", 0.0, "sae.bandwidth must be > 0, got 0.0"),
+    ("sae.sparsity_coefficient", -1.0, "sae.sparsity_coefficient must be >= 0, got -1.0"),
+    ("sae.kernel", "box", "sae.kernel must be one of .*, got 'box'"),
+    ("train.batch_size", 0, "train.batch_size must be > 0, got 0"),
+])
 def test_bad_config_fails_before_compute(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
     run.train_and_evaluate(tiny(**{key: value}), str(tmp_path))
