@@ -12,10 +12,15 @@ def atomic_write(path: str, write) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = path + ".tmp" + os.path.splitext(path)[1]  # np.save / np.savez insist on their suffix
-  write(tmp)
-  with open(tmp, "rb+") as fh:
-    os.fsync(fh.fileno())
-  os.replace(tmp, path)
+  try:
+    write(tmp)
+    with open(tmp, "rb+") as fh:
+      os.fsync(fh.fileno())
+    os.replace(tmp, path)
+  except BaseException:  # a full disk, a kill by exception: the old file stays, the part goes
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   fd = os.open(directory, os.O_RDONLY)
   try:
     os.fsync(fd)

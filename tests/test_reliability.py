@@ -584,6 +584,7 @@ def test_json_and_npz_writes_are_atomic(tmp_path, monkeypatch, reference):
   with pytest.raises(OSError):
     files.save_npz(npz, {"w": np.zeros(3)})
   np.testing.assert_array_equal(np.load(npz)["w"], np.ones(3))
+  assert sorted(os.listdir(tmp_path)) == ["params.npz", "summary.json"]  # the parts are removed
   # a finished run leaves no temporary files behind
   assert not [p for p in glob.glob(f"{reference}/**", recursive=True) if ".tmp" in p]
 
