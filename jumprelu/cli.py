@@ -84,6 +84,11 @@ def explain(e: BaseException) -> tuple[str, int] | None:
             "before is intact (a file is replaced only by a whole new one, a checkpoint counts "
             "only once complete). Free some space, or give a --workdir on another disk, and "
             "rerun the same command: it resumes from the last checkpoint"), EXIT_FAILED
+  if isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e):  # XLA's out of memory
+    first = str(e).strip().splitlines()[0][:300]
+    return (f"a device ran out of memory ({first}). `train.py --dry_run` with the same flags "
+            "prints the memory each device needs; lower train.batch_size or sae.width, or split "
+            "the dictionary over more devices (--config.mesh.model)"), EXIT_FAILED
   if isinstance(e, ValueError) and str(e).startswith("invalid config:"):  # validate.py's
     return f"{e}{notes}\nSet it with --config.KEY=VALUE; {_KEYS_HINT}", EXIT_USAGE
   if isinstance(e, OSError) and e.filename is not None:

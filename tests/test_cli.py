@@ -158,3 +158,12 @@ def test_every_entry_point_runs_main_through_cli():
   for name in ("train", "harvest", "evaluate"):
     source = open(os.path.join(REPO, "experiments", f"{name}.py")).read()
     assert re.search(r'if __name__ == "__main__":\n  cli\.run\(main\)\n$', source), name
+
+
+def test_device_out_of_memory_points_at_dry_run():
+  import jax.numpy as jnp
+  with pytest.raises(RuntimeError) as e:
+    jnp.zeros((2**42,), jnp.float32).block_until_ready()  # 16 TiB: a real XLA allocation failure
+  text, status = cli.explain(e.value)
+  assert status == cli.EXIT_FAILED and text.startswith("a device ran out of memory")
+  assert "--dry_run" in text and "train.batch_size" in text
