@@ -162,6 +162,8 @@ def logged_metrics(workdir: str, step: int) -> dict:
     return {}
   with open(path) as fh:
     records = [json.loads(line) for line in fh if line.strip()]
-  record = next((r for r in records if r["step"] == step), {})
+  # logs.write_eval's records ("eval/KEY") share the final step; they are not train metrics.
+  record = next((r for r in records if r["step"] == step and
+                 not any(k.startswith("eval/") for k in r)), {})
   added = ("tokens", "tokens_per_s", "nonfinite_rows")  # not train metrics: the log adds them
   return {k: v for k, v in record.items() if k not in added}
