@@ -217,7 +217,7 @@ def test_every_base_config_key_has_a_comment():
   assert [k for k in keys if not comments.get(k)] == []
 
 
-def test_cli_show_config_and_help():
+def test_cli_show_config():
   run = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--show_config",
        "--config=" + os.path.join(REPO, "configs", "synthetic.py"), "--config.sae.width=512"],
@@ -227,9 +227,6 @@ def test_cli_show_config_and_help():
   assert "sae.width = 512  [base: 16384]  # dictionary width F" in lines
   assert any(l.startswith("log.histogram_every = 1000  # steps between histograms") for l in lines)
   assert not os.path.exists(os.path.join(REPO, "None"))  # no workdir was needed or made
-  run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"), "--help"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
-  assert "--show_config" in run.stdout  # (absl exits 1 after --help)
 
 
 def test_logged_metrics_skips_eval_records_at_the_same_step(tmp_path):
