@@ -38,7 +38,7 @@ from scripts import report  # noqa: E402
 _LABEL = {"delta_lm_loss": "delta LM loss (nats)", "fvu": "FVU", "l0": "L0"}
 # (metrics.jsonl key, panel title, log y): the training-curve panels, left to right.
 _TRAIN_PANELS = (("loss", "loss", True), ("l0", "L0", True), ("fvu", "FVU", True),
-                 ("dead", "dead features", False), ("threshold_mean", "mean threshold θ", False))
+                 ("dead", "dead features (train window)", False), ("threshold_mean", "mean threshold θ (raw units)", False))
 
 
 def _name(s: str) -> str:

@@ -183,9 +183,9 @@ def test_training_curves_draw_every_logged_step(runs, run, arch, members):
   by_run = plots.runs_of(report.load_records(runs))
   logs = {m: plots.read_metrics(runs[run], m) for m in by_run[os.path.normpath(runs[run])]}
   fig = plots.plot_training_curves(logs, runs[run])
-  panels = {"loss": "loss", "L0": "l0", "FVU": "fvu", "dead features": "dead"}
+  panels = {"loss": "loss", "L0": "l0", "FVU": "fvu", "dead features (train window)": "dead"}
   if arch == "jumprelu":
-    panels["mean threshold θ"] = "threshold_mean"
+    panels["mean threshold θ (raw units)"] = "threshold_mean"
   assert [ax.get_title() for ax in fig.axes] == list(panels)
   for ax in fig.axes:
     key = panels[ax.get_title()]
