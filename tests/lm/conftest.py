@@ -6,7 +6,7 @@ from unittest import mock
 
 import pytest
 
-from jumprelu.lm import load
+from jumprelu.lm import gguf_file, load
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
   """(params, cfg, tokenizer) from our GGUF loader."""
-  return load.load_gguf(smollm2_path)
+  return gguf_file.load_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="session")

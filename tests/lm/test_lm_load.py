@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jumprelu.lm import load
+from jumprelu.lm import gguf_file, load
 
 ENGLISH = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -65,8 +65,8 @@ def test_unpermute_inverts_llama_cpp_permute():
   rng = np.random.RandomState(0)
   q = rng.randn(9 * 64, 576).astype(np.float32)
   k = rng.randn(3 * 64, 576).astype(np.float32)
-  np.testing.assert_array_equal(load._unpermute_qk(llama_cpp_permute(q, 9, 9), 9), q)
-  np.testing.assert_array_equal(load._unpermute_qk(llama_cpp_permute(k, 9, 3), 3), k)
+  np.testing.assert_array_equal(gguf_file._unpermute_qk(llama_cpp_permute(q, 9, 9), 9), q)
+  np.testing.assert_array_equal(gguf_file._unpermute_qk(llama_cpp_permute(k, 9, 3), 3), k)
 
 
 def test_default_model_path_names_the_package(monkeypatch):
