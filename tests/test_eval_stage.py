@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from jumprelu import evaluate, files, run, train, validate
+from jumprelu import evaluate, files, run, spliced, train, validate
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
 from tests.conftest import tiny
@@ -125,7 +125,7 @@ def test_report_has_units_a_legend_and_the_outputs(finished):
     assert label in text, label
   assert "tensorboard/" not in text  # log.tensorboard=False: not there, so not listed
   assert len(text) < 2500 and "{" not in text
-  table = evaluate.table(json.load(open(os.path.join(workdir, "eval.json"))))
+  table = spliced.table(json.load(open(os.path.join(workdir, "eval.json"))))
   assert "delta LM loss [nats/token]" in table and "loss recovered [%]" in table
   assert "delta_lm_loss" not in table
 

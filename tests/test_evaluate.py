@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jumprelu import evaluate
+from jumprelu import evaluate, spliced
 from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 from tests.conftest import tiny
@@ -27,7 +27,7 @@ def _perfect_sae(d):
 
 def test_perfect_sae_recovers_all_the_loss(setup):
   c, lm, contexts = setup
-  r = evaluate.evaluate_lm(c, lm, _perfect_sae(16), contexts)
+  r = spliced.evaluate_lm(c, lm, _perfect_sae(16), contexts)
   assert r["tokens"] > 100
   assert abs(r["delta_lm_loss"]) < 1e-4 and abs(r["kl_clean_sae"]) < 1e-5
   assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
@@ -40,7 +40,7 @@ def test_zero_sae_is_zero_ablation(setup):
   c, lm, contexts = setup
   zero = {k: np.zeros_like(v) for k, v in _perfect_sae(16).items()}
   zero["threshold"] += 1.0
-  r = evaluate.evaluate_lm(c, lm, zero, contexts)
+  r = spliced.evaluate_lm(c, lm, zero, contexts)
   assert r["ce_sae"] == pytest.approx(r["ce_zero_ablation"], rel=1e-6)
   assert r["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
   assert r["l0"] == 0 and r["frac_features_dead_on_eval"] == 1.0
@@ -52,7 +52,7 @@ def test_summary_arithmetic():
        "act_tokens": 2.0, "l0": 6.0, "sq_err": 1.0, "sq_x": 10.0,
        "sum_x": np.array([2.0, 0.0]), "xhat_xhat": 4.0, "xhat_x": 5.0,
        "fires": np.array([2.0, 1.0, 0.0, 0.0])}
-  r = evaluate.summarize(t)
+  r = spliced.summarize(t)
   assert r["ce_clean"] == 2.0 and r["ce_sae"] == 2.5 and r["ce_zero_ablation"] == 4.0
   assert r["delta_lm_loss"] == 0.5 and r["loss_recovered"] == 0.75 and r["kl_clean_sae"] == 0.5
   assert r["l0"] == 3.0 and r["fvu"] == 1.0 / (10.0 - 2.0 * 1.0) and r["shrinkage_gamma"] == 0.8
@@ -95,12 +95,12 @@ def test_every_architecture_evaluates_and_shared_clean_runs_change_nothing(setup
   archs = ("jumprelu", "relu", "gated", "topk")
   lossy = _perfect("topk")
   lossy["k"] = np.asarray(4, np.int32)  # keeps 4 of the 16 active latents: a real loss
-  together = evaluate.evaluate_many(c, lm, [_perfect(a) for a in archs] + [lossy], contexts)
+  together = spliced.evaluate_many(c, lm, [_perfect(a) for a in archs] + [lossy], contexts)
   for a, r in zip(archs, together):
     assert r["arch"] == a
     assert abs(r["delta_lm_loss"]) < 1e-4 and r["fvu"] < 1e-8, a
     assert 8 <= r["l0"] <= 16
-  alone = evaluate.evaluate_lm(c, lm, lossy, contexts)
+  alone = spliced.evaluate_lm(c, lm, lossy, contexts)
   assert together[-1]["l0"] == alone["l0"] == 4.0 and together[-1]["k"] == 4
   assert together[-1]["delta_lm_loss"] > 0.01
   for key in ("ce_sae", "kl_clean_sae", "fvu", "delta_lm_loss"):
@@ -112,7 +112,7 @@ def test_jumprelu_threshold_distribution_and_ste_window(setup):
   p = _perfect_sae(16)
   p["threshold"] = np.linspace(0.05, 0.5, 32, dtype=np.float32)
   half_window = 0.04
-  r = evaluate.evaluate_lm(c, lm, p, contexts, half_window=half_window)
+  r = spliced.evaluate_lm(c, lm, p, contexts, half_window=half_window)
   assert r["threshold_quantiles"]["50"] == pytest.approx(np.median(p["threshold"]), rel=1e-6)
   assert r["threshold_quantiles"]["0"] == pytest.approx(0.05) and r["threshold_mean"] == (
       pytest.approx(0.275))
@@ -124,4 +124,4 @@ def test_jumprelu_threshold_distribution_and_ste_window(setup):
   assert len(x) == r["tokens"]
   assert r["frac_preacts_in_window"] == pytest.approx(expected, rel=1e-5)
   assert 0.001 < expected < 0.5  # the window holds some pre-activations, not all
-  assert evaluate.evaluate_lm(c, lm, p, contexts)["frac_preacts_in_window"] is None
+  assert spliced.evaluate_lm(c, lm, p, contexts)["frac_preacts_in_window"] is None
