@@ -8,7 +8,6 @@ training did not read (workdir.contexts_used) on: the examples are held out. One
 per batch of lm.batch_contexts contexts runs the LM, the SAE and the statistics' update; only
 the final statistics come to the host.
 """
-import itertools
 import os
 import time
 
@@ -20,19 +19,6 @@ from jumprelu import browser_site, directions, feature_acts, feature_examples, l
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
-
-
-def held_out(c, cfg, tokenizer, first: int, num: int) -> np.ndarray:
-  """Contexts first .. first + num − 1 of the packed text [num, lm.context_len]; refuses a
-  text that ends before, with the count it has."""
-  got = list(itertools.islice(lm_act.contexts(c, cfg, tokenizer), first, first + num))
-  if len(got) < num:
-    raise ValueError(
-        f"text.source {c.text.source!r} yields {first + len(got)} contexts of "
-        f"{c.lm.context_len} tokens, but the browser needs contexts {first}..{first + num - 1} "
-        f"(--skip_contexts={first} --num_contexts={num}); lower --num_contexts or "
-        "--skip_contexts (past the contexts training read), or use a longer text")
-  return np.stack(got)
 
 
 def step_fn(cfg, site, skip_positions: int, arch: str, k, before: int, after: int):
@@ -98,7 +84,7 @@ def build(c, workdir: str | None, *, params_path: str | None = None, out_dir: st
   sae = feature_acts.load_sae(params_path)
   feature_acts.check_site(c, cfg, sae[2], f"the SAE at {params_path}")
   first = workdir_lib.contexts_used(c, workdir) if skip_contexts is None else skip_contexts
-  contexts = held_out(c, cfg, tokenizer, first, num_contexts)
+  contexts = feature_acts.held_out(c, cfg, tokenizer, first, num_contexts)
 
   start = time.perf_counter()
   stats = collect(c, lm, sae, contexts, top_k=top_k, samples=samples, before=before,

@@ -10,6 +10,7 @@ lm.activations.keep_mask) get no features: their activations are not what the SA
   print(feature_acts.describe(rows))
 """
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -50,20 +51,30 @@ def check_site(c, cfg, arrays: dict, what: str = "the SAE") -> None:
                      "lm.model_path) to the site the SAE was trained on")
 
 
-@functools.cache
-def encoder(cfg, site, skip_positions: int, arch: str, k: int | None):
-  """Jitted (LM params, SAE arrays, tokens [B, L]) -> (features [B, L, F], kept [B, L]); the
-  features of positions that are not kept are 0."""
+def _forward_features(cfg, site, skip_positions: int, arch: str, k: int | None):
+  """(LM params, SAE arrays, tokens [B, L]) -> (activations [B, L, W], features [B, L, F],
+  kept [B, L]); the features of positions that are not kept are 0."""
   forward = functools.partial(model.forward, cfg=cfg, site=site, stop_at_site=True)
 
-  @jax.jit
   def run(lm_params, sae_arrays, tokens_BxL):
     x_BxLxW = forward(lm_params, tokens_BxL=tokens_BxL)[1].astype(jnp.float32)
     keep_BxL = lm_act.keep_mask(cfg, tokens_BxL, skip_positions)
     f_BxLxF = arch_lib.features(sae_arrays, x_BxLxW, arch=arch, k=k)
-    return jnp.where(keep_BxL[..., None], f_BxLxF, 0.0), keep_BxL
+    return x_BxLxW, jnp.where(keep_BxL[..., None], f_BxLxF, 0.0), keep_BxL
 
   return run
+
+
+@functools.cache
+def encoder(cfg, site, skip_positions: int, arch: str, k: int | None):
+  """Jitted (LM params, SAE arrays, tokens [B, L]) -> (features [B, L, F], kept [B, L])."""
+  run = _forward_features(cfg, site, skip_positions, arch, k)
+  return jax.jit(lambda lm_params, sae_arrays, tokens: run(lm_params, sae_arrays, tokens)[1:])
+
+
+@functools.cache
+def _encoder_with_inputs(cfg, site, skip_positions: int, arch: str, k: int | None):
+  return jax.jit(_forward_features(cfg, site, skip_positions, arch, k))
 
 
 def pad_id(cfg) -> int:
@@ -128,3 +139,33 @@ def describe(rows: list[dict], top: int = 5) -> str:
     lines.append(f"{r['position']:>4}  {r['token']!r:<16} {count:>4}  "
                  f"{shown if r['kept'] else '(skipped, as in training)'}")
   return "\n".join(lines)
+
+
+def site_and_features(c, lm, sae, tokens_NxL, batch: int | None = None):
+  """Per batch of lm.batch_contexts rows (the last one padded, then cut), numpy (rows,
+  activations [b, L, W], features [b, L, F], kept [b, L]): callers keep what they need, so
+  N × L × F features never sit on the host at once. sae = load_sae(...)'s triple."""
+  lm_params, cfg = lm[0], lm[1]
+  name, k, arrays = sae
+  batch = batch or c.lm.batch_contexts
+  run = _encoder_with_inputs(cfg, model.parse_site(c.lm.site), c.lm.skip_positions, name, k)
+  tokens_NxL = np.asarray(tokens_NxL, np.int32)
+  for lo in range(0, len(tokens_NxL), batch):
+    rows = np.arange(lo, min(lo + batch, len(tokens_NxL)))
+    tokens_BxL = np.full((batch, tokens_NxL.shape[1]), pad_id(cfg), np.int32)
+    tokens_BxL[:len(rows)] = tokens_NxL[rows]
+    x, f, keep = jax.device_get(run(lm_params, arrays, tokens_BxL))
+    yield rows, x[:len(rows)], f[:len(rows)], keep[:len(rows)]
+
+
+def held_out(c, cfg, tokenizer, first: int, num: int) -> np.ndarray:
+  """Contexts first .. first + num − 1 of the packed text [num, lm.context_len]; refuses a
+  text that ends before, with the count it has."""
+  got = list(itertools.islice(lm_act.contexts(c, cfg, tokenizer), first, first + num))
+  if len(got) < num:
+    raise ValueError(
+        f"text.source {c.text.source!r} yields {first + len(got)} contexts of "
+        f"{c.lm.context_len} tokens, but contexts {first}..{first + num - 1} are needed "
+        f"(--skip_contexts={first} --num_contexts={num}); lower --num_contexts or "
+        "--skip_contexts (past the contexts training read), or use a longer text")
+  return np.stack(got)

@@ -35,7 +35,7 @@ def main():
   lm = lm_act.load_lm(c)
   sae = feature_acts.load_sae(os.path.join(args.workdir, "export", "params.npz"))
   first = workdir_lib.contexts_used(c, args.workdir)
-  contexts = browse.held_out(c, lm[1], lm[2], first, sizes[-1])
+  contexts = feature_acts.held_out(c, lm[1], lm[2], first, sizes[-1])
   L, batch = contexts.shape[1], c.lm.batch_contexts
   browse.collect(c, lm, sae, contexts[:batch], bar=False)  # compiles
   rows = []

@@ -16,7 +16,7 @@ import numpy as np
 # Arch -> the hyperparameters that mean something for it; only these are read back from
 # config.json when an older eval.json lacks them (config.json holds every key for every arch).
 _HYPERS = {"jumprelu": ("sparsity_coefficient", "bandwidth"), "relu": ("sparsity_coefficient",),
-           "gated": ("sparsity_coefficient",), "topk": ("k",)}
+           "gated": ("sparsity_coefficient",), "topk": ("k",), "batchtopk": ("k",)}
 _REQUIRED = ("site", "arch", "l0", "fvu", "delta_lm_loss")
 # (header, record key, scale): the report's columns, left to right.
 COLUMNS = (("arch", "arch", None), ("member", "member", None), ("λ", "sparsity_coefficient", None),
@@ -26,6 +26,19 @@ COLUMNS = (("arch", "arch", None), ("member", "member", None), ("λ", "sparsity_
            ("% >10%", "frac_features_over_10pct", 100.0),
            ("% >1%", "frac_features_over_1pct", 100.0),
            ("% dead", "frac_features_dead_on_eval", 100.0))
+
+# Downstream evaluations (jumprelu/downstream.py, SAEBench's definitions): eval.json's keys, or
+# DIR/downstream.json's "scalars" (scripts/downstream.py) where eval.json has none of them.
+DOWNSTREAM_COLUMNS = (("arch", "arch", None), ("member", "member", None), ("L0", "l0", None),
+                      ("absorption", "absorption_fraction", None),
+                      ("full absorption", "full_absorption_rate", None),
+                      ("split feats", "absorption_split_features", None),
+                      ("probe: dense", "sparse_probing_mean_dense", None),
+                      ("k=1", "sparse_probing_mean_k1", None),
+                      ("k=2", "sparse_probing_mean_k2", None),
+                      ("k=5", "sparse_probing_mean_k5", None),
+                      ("k=20", "sparse_probing_mean_k20", None))
+_DOWNSTREAM_KEYS = tuple(key for _, key, _ in DOWNSTREAM_COLUMNS[3:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +90,10 @@ def load_record(run_dir: str) -> dict:
   if missing:
     raise ValueError(f"{run_dir}/eval.json: expected keys {list(_REQUIRED)}, missing {missing} "
                      "(and not found in config.json); re-run experiments/evaluate.py.")
+  downstream_path = os.path.join(run_dir, "downstream.json")
+  if not any(k in r for k in _DOWNSTREAM_KEYS) and os.path.isfile(downstream_path):
+    with open(downstream_path) as f:
+      r.update(json.load(f).get("scalars", {}))
   r["dir"] = run_dir
   return r
 
@@ -136,6 +153,17 @@ def site_table(records, site: str) -> str:
   return _markdown([h for h, _, _ in COLUMNS], rows)
 
 
+def downstream_table(records, site: str) -> str | None:
+  """Absorption and mean sparse-probing accuracy per SAE at `site` (None if none has them)."""
+  rs = sorted((r for r in records if r["site"] == site and
+               any(r.get(k) is not None for k in _DOWNSTREAM_KEYS)),
+              key=lambda r: (r["arch"], r["l0"]))
+  if not rs:
+    return None
+  rows = [[fmt(r.get(key)) for _, key, _ in DOWNSTREAM_COLUMNS] for r in rs]
+  return _markdown([h for h, _, _ in DOWNSTREAM_COLUMNS], rows)
+
+
 def compare_at_equal_l0(records) -> list[dict]:
   """JumpReLU minus each other arch, at that arch's L0 points inside JumpReLU's L0 range.
 
@@ -181,6 +209,10 @@ def report(records) -> str:
   parts = []
   for site in sites(records):
     parts += [f"## {site}", "", site_table(records, site), ""]
+    downstream = downstream_table(records, site)
+    if downstream:
+      parts += [f"### {site}: downstream (SAEBench definitions; absorption: lower is better; "
+                "probing: held-out accuracy, mean over tasks)", "", downstream, ""]
   rows = compare_at_equal_l0(records)
   if rows:
     parts += ["## At the same L0: JumpReLU minus each arch (mean over that arch's points; "

@@ -202,7 +202,7 @@ def test_browser_page_of_the_planted_feature_shows_the(site, planted_lm):
   assert all(ex["t"][ex["o"]] == the and ex["a"][ex["o"]] == max(ex["a"]) for ex in rec["top"])
   assert all(ex["t"][ex["o"]] == the for ex in rec["smp"])
   # density: the fraction of kept tokens that are "the", counted from the text itself
-  ctx = browse.held_out(c, planted_lm[1], planted_lm[2], 100, 24)
+  ctx = feature_acts.held_out(c, planted_lm[1], planted_lm[2], 100, 24)
   keep = lm_act.keep_mask(planted_lm[1], ctx, c.lm.skip_positions)
   assert meta["features"]["density"][PLANTED] == pytest.approx((ctx[keep] == the).mean(), 1e-3)
   assert meta["meta"]["tokens"] == keep.sum() == result["tokens"]
@@ -210,7 +210,7 @@ def test_browser_page_of_the_planted_feature_shows_the(site, planted_lm):
 
 def test_browser_top_examples_equal_brute_force(site, planted_lm):
   c, _, _, records, _ = site
-  ctx = browse.held_out(c, planted_lm[1], planted_lm[2], 100, 24)
+  ctx = feature_acts.held_out(c, planted_lm[1], planted_lm[2], 100, 24)
   encode = feature_acts.encoder(planted_lm[1], model.parse_site(c.lm.site), c.lm.skip_positions,
                                 "jumprelu", None)
   sae = feature_acts.load_sae(planted_sae())[2]
