@@ -4,13 +4,15 @@ probing on tasks labelled offline (sparse_probing.py), for one SAE at the config
 
   result = downstream.evaluate(c, workdir)      # {"absorption": {...}, "sparse_probing": {...}}
   eval_json.update(downstream.scalars(result))  # flat numbers for eval.json and report tables
+  downstream.add_to_eval_json(c, workdir)       # both, into DIR/eval.json
 """
+import json
 import os
 import time
 
 from absl import logging
 
-from jumprelu import absorption, feature_acts, sparse_probing
+from jumprelu import absorption, feature_acts, files, sparse_probing
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
 
@@ -75,3 +77,18 @@ def scalars(result: dict) -> dict:
       if key == "dense" or key.startswith("k="):
         out[f"sparse_probing_{task}_{key.replace('=', '')}"] = v
   return out
+
+
+def add_to_eval_json(c, workdir: str, params_path: str | None = None, *, tasks=TASKS,
+                     **kw) -> dict:
+  """Runs evaluate and merges its scalars (and the full results, under "downstream") into
+  DIR/eval.json (created if absent); returns the scalars."""
+  result = evaluate(c, workdir, params_path, tasks=tasks, **kw)
+  path = os.path.join(workdir, "eval.json")
+  record = {}
+  if os.path.exists(path):
+    with open(path) as fh:
+      record = json.load(fh)
+  flat = scalars(result)
+  files.save_json(path, {**record, **flat, "downstream": result})
+  return flat

@@ -1,11 +1,12 @@
 """Downstream evaluations (SAEBench's definitions): probe math, absorption and probing metrics
 against values worked out by hand on tiny constructed cases, and a run on the tiny LM."""
+import json
 import math
 
 import numpy as np
 import pytest
 
-from jumprelu import absorption, downstream, feature_acts, probes, sparse_probing
+from jumprelu import absorption, downstream, feature_acts, files, probes, sparse_probing
 from tests.conftest import tiny
 from tests.test_browse import planted_sae
 from tests.tiny_lm import tiny_lm
@@ -130,3 +131,25 @@ def test_downstream_runs_on_the_tiny_lm(monkeypatch):
   flat = downstream.scalars({"absorption": a, "sparse_probing": p})
   assert "absorption_fraction" in flat and "sparse_probing_mean_k20" in flat
   assert "k=1" in downstream.table(p) and "module_family" in downstream.table(p)
+
+
+def test_add_to_eval_json_keeps_what_is_there(tmp_path, monkeypatch):
+  lm = tiny_lm()
+  c = tiny("harvest")
+  monkeypatch.setattr(sparse_probing, "FAMILIES", ("json", "email"))
+  (tmp_path / "eval.json").write_text('{"l0": 3.5}')
+  flat = downstream.add_to_eval_json(c, str(tmp_path), _planted_path(tmp_path),
+                                     tasks=("sparse_probing",), num_contexts=24,
+                                     skip_contexts=100, docs_per_family=6, lm=lm)
+  record = json.loads((tmp_path / "eval.json").read_text())
+  assert record["l0"] == 3.5 and "sparse_probing" in record["downstream"]
+  assert record["sparse_probing_mean_k1"] == flat["sparse_probing_mean_k1"]
+  assert "absorption_fraction" not in record
+  with pytest.raises(ValueError, match="unknown downstream evaluations"):
+    downstream.evaluate(c, str(tmp_path), _planted_path(tmp_path), tasks=("probing",), lm=lm)
+
+
+def _planted_path(tmp_path) -> str:
+  path = str(tmp_path / "params.npz")
+  files.save_npz(path, planted_sae())
+  return path
