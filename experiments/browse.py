@@ -15,42 +15,12 @@ import sys
 # Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import json
-
-import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
-from jumprelu import browse, feature_acts
-
-
-def _saved_config(argv: list[str]) -> ml_collections.ConfigDict | None:
-  """DIR/config.json of --workdir=DIR when argv gives no --config=FILE (read before the flags
-  are parsed, so that --config.KEY=VALUE overrides its keys); else None."""
-  workdir = None
-  for i, arg in enumerate(argv[1:], 1):
-    name, eq, value = arg.lstrip("-").partition("=")
-    if not arg.startswith("-"):
-      continue
-    if name == "config":
-      return None
-    if name == "workdir":
-      workdir = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-  path = os.path.join(workdir, "config.json") if workdir else None
-  if path is None or not os.path.exists(path):
-    return None
-  with open(path) as fh:
-    return ml_collections.ConfigDict(json.load(fh))
+from jumprelu import browse, cli, feature_acts
 
 
-_SAVED = _saved_config(sys.argv)
-if _SAVED is None:
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", None, "Config file; default: the run's DIR/config.json.", lock_config=True)
-else:
-  _CONFIG = config_flags.DEFINE_config_dict(
-      "config", _SAVED, "The run's DIR/config.json; override keys with --config.KEY=VALUE.",
-      lock_config=True)
+_CONFIG = cli.define_config_flag(sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run: DIR/config.json, "
                                "DIR/export/params.npz; the browser goes to DIR/browser.")
 _PARAMS = flags.DEFINE_string("params", None, "params.npz or SAELens folder; default: "
@@ -90,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

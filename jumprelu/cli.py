@@ -10,11 +10,13 @@ raised as usual, traceback and all.
 """
 import difflib
 import errno
+import json
 import os
 import re
 import sys
 import traceback
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -136,6 +138,38 @@ def _os_error(e: OSError) -> str:
 
 
 # ----------------------------------------------------------------------------- flags
+
+def saved_config(argv: list[str]) -> ml_collections.ConfigDict | None:
+  """DIR/config.json of --workdir=DIR when argv gives no --config=FILE, read before the flags
+  are parsed so that --config.KEY=VALUE can override its keys; else None."""
+  workdir = None
+  for i, arg in enumerate(argv[1:], 1):
+    name, eq, value = arg.lstrip("-").partition("=")
+    if not arg.startswith("-"):
+      continue
+    if name == "config":
+      return None
+    if name == "workdir":
+      workdir = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  path = os.path.join(workdir, "config.json") if workdir else None
+  if path is None or not os.path.exists(path):
+    return None
+  with open(path) as fh:
+    return ml_collections.ConfigDict(json.load(fh))
+
+
+def define_config_flag(argv: list[str], flag_values=None):
+  """--config: the run's saved config (overridable key by key) or else a config file."""
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  saved = saved_config(argv)
+  if saved is None:
+    return config_flags.DEFINE_config_file(
+        "config", None, "Config file; default: the run's DIR/config.json.",
+        flag_values=flag_values, lock_config=True, sys_argv=argv)
+  return config_flags.DEFINE_config_dict(
+      "config", saved, "The run's DIR/config.json; override keys with --config.KEY=VALUE.",
+      flag_values=flag_values, lock_config=True, sys_argv=argv)
+
 
 def parse_flags(argv, flag_values=flags.FLAGS):
   """absl's flag parsing (for app.run), its errors told in one paragraph with exit status 2.

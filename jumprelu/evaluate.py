@@ -165,13 +165,18 @@ def _overlap(c, used: int | None, who: str, counted: int = 0, at_least: bool = F
 
 # ----------------------------------------------------------------------------- runs
 
+def runs_of(c, workdir: str) -> list[tuple]:
+  """[(config, directory)]: the run in `workdir`, or each member of a sweep as a run of its own."""
+  if not sweep.is_sweep(c):
+    return [(c, workdir)]
+  store = workdir_lib.store_path(c, workdir)
+  return [(sweep.member_config(c, hp, store), sweep.member_dir(workdir, name))
+          for name, hp in sweep.grid(c)]
+
+
 def evaluate_workdir(c, workdir: str) -> list[dict]:
   """Evaluates the finished run in `workdir` (every member of a sweep, together)."""
-  if not sweep.is_sweep(c):
-    return evaluate_runs([(c, workdir)])
-  store = workdir_lib.store_path(c, workdir)
-  return evaluate_runs([(sweep.member_config(c, hp, store), sweep.member_dir(workdir, name))
-                        for name, hp in sweep.grid(c)])
+  return evaluate_runs(runs_of(c, workdir))
 
 
 def evaluate_sae(c, workdir: str, params_path: str) -> dict:

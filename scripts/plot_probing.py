@@ -2,7 +2,7 @@
 
   python scripts/plot_probing.py --runs runs/smollm2 runs/relu --out figures/probing.png
 
-Reads each run's eval.json or downstream.json (scripts/report.py's load_records): the keys
+Reads each run's eval.json (scripts/report.py's load_records): the keys
 sparse_probing_<task>_k<k> and sparse_probing_<task>_dense written by jumprelu/downstream.py.
 """
 import argparse

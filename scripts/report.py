@@ -27,8 +27,8 @@ COLUMNS = (("arch", "arch", None), ("member", "member", None), ("λ", "sparsity_
            ("% >1%", "frac_features_over_1pct", 100.0),
            ("% dead", "frac_features_dead_on_eval", 100.0))
 
-# Downstream evaluations (jumprelu/downstream.py, SAEBench's definitions): eval.json's keys, or
-# DIR/downstream.json's "scalars" (scripts/downstream.py) where eval.json has none of them.
+# Downstream evaluations (jumprelu/downstream.py, SAEBench's definitions), in eval.json when
+# experiments/evaluate.py ran with --downstream.
 DOWNSTREAM_COLUMNS = (("arch", "arch", None), ("member", "member", None), ("L0", "l0", None),
                       ("absorption", "absorption_fraction", None),
                       ("full absorption", "full_absorption_rate", None),
@@ -90,10 +90,6 @@ def load_record(run_dir: str) -> dict:
   if missing:
     raise ValueError(f"{run_dir}/eval.json: expected keys {list(_REQUIRED)}, missing {missing} "
                      "(and not found in config.json); re-run experiments/evaluate.py.")
-  downstream_path = os.path.join(run_dir, "downstream.json")
-  if not any(k in r for k in _DOWNSTREAM_KEYS) and os.path.isfile(downstream_path):
-    with open(downstream_path) as f:
-      r.update(json.load(f).get("scalars", {}))
   r["dir"] = run_dir
   return r
 

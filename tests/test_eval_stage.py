@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from jumprelu import evaluate, files, run, spliced, train, validate
+from jumprelu import cli, evaluate, files, run, spliced, train, validate
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
 from tests.conftest import tiny
@@ -174,7 +174,7 @@ def test_evaluate_py_overrides_keys_of_the_saved_config(finished, monkeypatch):
   spec.loader.exec_module(module)
   argv = ["evaluate.py", f"--workdir={workdir}", "--config.eval.num_contexts=3"]
   fv = flags.FlagValues()
-  config_flag = module.define_config_flag(argv, fv)
+  config_flag = cli.define_config_flag(argv, fv)
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
   fv(argv)
   saved = json.load(open(os.path.join(workdir, "config.json")))
@@ -183,11 +183,11 @@ def test_evaluate_py_overrides_keys_of_the_saved_config(finished, monkeypatch):
   evaluate.evaluate_workdir(config_flag.value, workdir)
   assert 0 < json.load(open(os.path.join(workdir, "eval.json")))["tokens"] <= 3 * 15
   fv = flags.FlagValues()
-  module.define_config_flag(argv, fv)
+  cli.define_config_flag(argv, fv)
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
   with pytest.raises(flags.Error):
     fv(argv[:2] + ["--config.eval.num_contxts=3"])
-  assert module.saved_config(["evaluate.py", f"--workdir={workdir}", "--config=x.py"]) is None
+  assert cli.saved_config(["evaluate.py", f"--workdir={workdir}", "--config=x.py"]) is None
 
 
 def test_missing_datasets_package_is_refused_before_any_work(tmp_path, model_dir, monkeypatch):

@@ -4,13 +4,11 @@ import json
 from scripts import plot_probing, report
 
 
-def _run(tmp_path, name, arch, l0, scalars, in_eval: bool):
+def _run(tmp_path, name, arch, l0, scalars):
   d = tmp_path / name
   d.mkdir()
   record = {"site": "resid_post.1", "arch": arch, "l0": l0, "fvu": 0.2, "delta_lm_loss": 0.3}
-  (d / "eval.json").write_text(json.dumps({**record, **(scalars if in_eval else {})}))
-  if not in_eval:
-    (d / "downstream.json").write_text(json.dumps({"scalars": scalars}))
+  (d / "eval.json").write_text(json.dumps({**record, **scalars}))
   return str(d)
 
 
@@ -20,10 +18,10 @@ def _scalars(base):
           **{f"sparse_probing_mean_k{k}": base + 0.01 * k for k in (1, 2, 5, 20)}}
 
 
-def test_downstream_table_reads_eval_json_or_downstream_json(tmp_path):
-  runs = [_run(tmp_path, "jr", "jumprelu", 20.0, _scalars(0.6), in_eval=True),
-          _run(tmp_path, "relu", "relu", 21.0, _scalars(0.5), in_eval=False),
-          _run(tmp_path, "none", "topk", 22.0, {}, in_eval=True)]
+def test_downstream_table_reads_eval_json(tmp_path):
+  runs = [_run(tmp_path, "jr", "jumprelu", 20.0, _scalars(0.6)),
+          _run(tmp_path, "relu", "relu", 21.0, _scalars(0.5)),
+          _run(tmp_path, "none", "topk", 22.0, {})]
   text = report.report(report.load_records(runs))
   assert "### resid_post.1: downstream" in text
   table = text.split("### resid_post.1: downstream")[1]
@@ -35,8 +33,8 @@ def test_downstream_table_reads_eval_json_or_downstream_json(tmp_path):
 
 
 def test_probing_plot_draws_a_line_per_sae(tmp_path):
-  runs = [_run(tmp_path, "jr", "jumprelu", 20.0, _scalars(0.6), in_eval=True),
-          _run(tmp_path, "relu", "relu", 21.0, _scalars(0.5), in_eval=False)]
+  runs = [_run(tmp_path, "jr", "jumprelu", 20.0, _scalars(0.6)),
+          _run(tmp_path, "relu", "relu", 21.0, _scalars(0.5))]
   out = tmp_path / "probing.png"
   fig = plot_probing.main(["--runs", *runs, "--out", str(out)])
   ax = fig.axes[0]
