@@ -15,10 +15,11 @@ setup(
         "tensorboardX>=2.6", "tqdm",  # TensorBoard event files and progress bars (logs.py)
     ],
     extras_require={
-        # tensorboard reads our event files back; nbclient & co. run notebooks/quickstart.ipynb
+        # pytest-xdist runs the suite on both cores (.ci/run); tensorboard reads our event files
+        # back; nbclient & co. run notebooks/quickstart.ipynb
         # torch, transformers and accelerate are the parity references (tests/lm); torch is
         # pinned to the CPU build (an unpinned torch pulls several GB of CUDA packages).
-        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel",
+        "test": ["pytest", "pytest-xdist", "tensorboard", "nbclient", "nbformat", "ipykernel",
                  "torch==2.13.0", "transformers", "accelerate", "datasets"],
         "notebook": ["ipykernel"],
         "wandb": ["wandb"],  # log.wandb_project; TensorBoard event files need no extra
