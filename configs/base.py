@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic.n_features = 256  # true features in superposition (> d_in)
   c.data.synthetic.mean_l0 = 8.0  # mean number of true features active per row
   c.data.synthetic.noise_std = 0.02  # isotropic Gaussian noise added to every row
+  # The i-th most frequent true feature fires at a rate ∝ i^−α (α·log10(n_features) decades)
+  c.data.synthetic.freq_exponent = 0.5
+  c.data.synthetic.magnitude_sigma = 0.5  # log-σ of the log-normal magnitudes (median 1)
   c.data.synthetic.seed = 1234  # seed of the generated data and its true dictionary
 
   c.lm = ml_collections.ConfigDict()
@@ -56,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.skip_contexts = 2000  # first held-out context in the packed text: past training's
 
   c.sae = ml_collections.ConfigDict()
-  c.sae.arch = "jumprelu"  # "jumprelu" | "relu" (L1) | "gated" | "topk" (the paper's baselines)
+  c.sae.arch = "jumprelu"  # "jumprelu" | "relu" (L1) | "gated" | "topk" | "batchtopk" (baselines)
   c.sae.width = 16384  # dictionary width F
   c.sae.sparsity_coefficient = 1e-3  # λ in L = ‖x − x̂‖² + λ‖f‖₀ (inputs normalised)
   c.sae.bandwidth = 0.001  # STE kernel bandwidth ε (tuned for normalised inputs)
@@ -65,14 +68,28 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.threshold_param = "log"  # train θ through its log ("log") or directly ("raw")
   c.sae.k = 64  # topk: latents kept per token
   c.sae.k_aux = 512  # topk: dead latents that reconstruct the residual in AuxK (Gao et al.)
-  c.sae.aux_coefficient = 1 / 32  # topk: weight α of the AuxK loss (Gao et al.)
+  c.sae.aux_coefficient = 1 / 32  # topk, batchtopk: weight α of the AuxK loss (Gao et al.)
+  # batchtopk: β of the inference threshold's running mean θ ← β·θ + (1 − β)·(min kept activation)
+  c.sae.batchtopk_threshold_decay = 0.999
+  # jumprelu: "l0" (λ·L0, the paper's) | "target_l0" (λ·(L0/target − 1)², Gemma Scope 2) | "tanh"
+  # (λ·Σ tanh(c·f·‖W_dec‖), Anthropic's January 2025 update); see jumprelu/objectives.py
+  c.sae.sparsity_loss = "l0"
+  c.sae.target_l0 = 32.0  # jumprelu, sparsity_loss="target_l0": the L0 its quadratic penalty seeks
+  c.sae.tanh_scale = 4.0  # jumprelu, sparsity_loss="tanh": c in tanh(c·f·‖W_dec‖) (Anthropic: 4)
+  c.sae.pre_act_coefficient = 0.0  # jumprelu: λ_P of Anthropic's pre-activation loss (0: off; 3e-6)
+  c.sae.frequency_coefficient = 0.0  # jumprelu: μ of the high-frequency penalty (0: off)
+  c.sae.frequency_max = 0.1  # jumprelu: firing frequency above which that penalty applies
+  # Nested dictionary prefixes that must each reconstruct x (Matryoshka loss, any arch), e.g.
+  # (256, 1024, 4096) for width 16384; () off. The whole dictionary is always the last prefix.
+  c.sae.matryoshka_prefixes = ()
 
   # A non-empty axis trains every combination as ONE vmapped ensemble (same init, same batches)
   # under WORKDIR/members/NAME/, each member a complete run of its own; empty axes keep sae.*.
   c.sweep = ml_collections.ConfigDict()
   c.sweep.sparsity_coefficient = ()  # λ values, e.g. (1e-4, 3e-4, 1e-3)
   c.sweep.bandwidth = ()  # JumpReLU ε values
-  c.sweep.k = ()  # TopK k values
+  c.sweep.k = ()  # TopK (and BatchTopK) k values
+  c.sweep.target_l0 = ()  # JumpReLU target L0 values (sae.sparsity_loss="target_l0")
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 7e-5  # Adam learning rate after warm-up

@@ -2,21 +2,26 @@
 
 Every architecture shares the train loop, the sharding, checkpoints and export. Per-member
 hyperparameters arrive as `hp`, a dict of (possibly traced, for a vmapped ensemble) scalars:
-  sparsity_coefficient  λ after its warm-up (JumpReLU: L0 penalty; ReLU and Gated: L1 penalty)
+  sparsity_coefficient  λ after its warm-up (JumpReLU: its sparsity penalty's; ReLU and Gated: L1)
   bandwidth             ε of JumpReLU's straight-through estimator
-  k                     TopK's k (static bound: k_max(c))
+  k                     TopK's (static bound: k_max(c)) and BatchTopK's k
+  target_l0             JumpReLU's target L0 under sae.sparsity_loss="target_l0"
+  warmup                the λ warm-up's fraction in [0, 1] (also scales the frequency penalty)
+JumpReLU trains on sae.loss (Eq. 10) unless the config asks for another objective
+(objectives.py); sae.matryoshka_prefixes applies to every architecture.
 Raw-unit exports (export.raw_params) keep each architecture's own names; features() and
 split_raw() read them as well as training params.
 """
 import jax
 import jax.numpy as jnp
 
-from jumprelu import baselines, ops, sae, sparse
+from jumprelu import baselines, objectives, ops, sae, sparse
 
-ARCHS = ("jumprelu", "relu", "gated", "topk")
+ARCHS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
 # The per-SAE hyperparameters (sweep.AXES) each architecture reads; it ignores the others.
-USES = {"jumprelu": ("sparsity_coefficient", "bandwidth"), "relu": ("sparsity_coefficient",),
-        "gated": ("sparsity_coefficient",), "topk": ("k",)}
+USES = {"jumprelu": ("sparsity_coefficient", "bandwidth", "target_l0"),
+        "relu": ("sparsity_coefficient",), "gated": ("sparsity_coefficient",), "topk": ("k",),
+        "batchtopk": ("k",)}
 
 
 def init(c, key) -> dict:
@@ -31,6 +36,8 @@ def init(c, key) -> dict:
     return baselines.gated_init(key, d, width)
   if arch == "topk":
     return baselines.topk_init(key, d, width)
+  if arch == "batchtopk":
+    return baselines.batchtopk_init(key, d, width)
   raise ValueError(f"sae.arch must be one of {ARCHS}, got {arch!r}")
 
 
@@ -52,8 +59,7 @@ def value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F):
           kernel=c.sae.kernel, capacity=c.train.sparse_capacity,
           matmul_dtype=c.train.matmul_dtype)
     theta_F = sae.threshold(params)
-    loss_fn = lambda p: sae.loss(p, x_BxD, sparsity_coefficient=lam, bandwidth=hp["bandwidth"],
-                                 kernel=c.sae.kernel, matmul_dtype=c.train.matmul_dtype)
+    loss_fn = _matryoshka(c, _jumprelu_loss_fn(c, x_BxD, hp), x_BxD)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     aux["fired_F"] = jnp.any(aux["pre_BxF"] > theta_F, axis=0)
     aux["in_window"] = jnp.mean(jnp.abs(aux["pre_BxF"] - theta_F) < 0.5 * hp["bandwidth"])
@@ -62,13 +68,41 @@ def value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F):
     loss_fn = lambda p: baselines.relu_loss(p, x_BxD, sparsity_coefficient=lam)
   elif arch == "gated":
     loss_fn = lambda p: baselines.gated_loss(p, x_BxD, sparsity_coefficient=lam)
-  else:
+  elif arch == "topk":
     loss_fn = lambda p: baselines.topk_loss(
         p, x_BxD, k=hp["k"], k_max=k_max(c), k_aux=c.sae.k_aux,
         aux_coefficient=c.sae.aux_coefficient, dead_F=dead_F)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  else:
+    loss_fn = lambda p: baselines.batchtopk_loss(
+        p, x_BxD, k=hp["k"], k_aux=c.sae.k_aux, aux_coefficient=c.sae.aux_coefficient,
+        dead_F=dead_F)
+  (loss, aux), grads = jax.value_and_grad(_matryoshka(c, loss_fn, x_BxD), has_aux=True)(params)
   aux["fired_F"] = jnp.any(aux["f_BxF"] > 0, axis=0)
   return (loss, aux), grads
+
+
+def _jumprelu_loss_fn(c, x_BxD, hp):
+  """sae.loss (Eq. 10, with its hand-written backward pass), or objectives.jumprelu_loss when the
+  config asks for another sparsity objective or an extra penalty."""
+  s, lam = c.sae, hp["sparsity_coefficient"]
+  if objectives.uses_paper_loss(c):
+    return lambda p: sae.loss(p, x_BxD, sparsity_coefficient=lam, bandwidth=hp["bandwidth"],
+                              kernel=s.kernel, matmul_dtype=c.train.matmul_dtype)
+  # The frequency penalty warms up with λ: at init most features fire on > 10% of tokens.
+  mu = s.frequency_coefficient * hp["warmup"] if s.frequency_coefficient else 0.0
+  return lambda p: objectives.jumprelu_loss(
+      p, x_BxD, sparsity_coefficient=lam, bandwidth=hp["bandwidth"], kernel=s.kernel,
+      sparsity_loss=s.sparsity_loss, target_l0=hp["target_l0"], tanh_scale=s.tanh_scale,
+      pre_act_coefficient=s.pre_act_coefficient, frequency_coefficient=mu,
+      frequency_max=s.frequency_max, matmul_dtype=c.train.matmul_dtype)
+
+
+def _matryoshka(c, loss_fn, x_BxD):
+  """loss_fn, or with sae.matryoshka_prefixes its Matryoshka form (objectives.with_matryoshka)."""
+  prefixes = tuple(c.sae.matryoshka_prefixes)
+  if not prefixes:
+    return loss_fn
+  return lambda p: objectives.with_matryoshka(loss_fn, p, x_BxD, prefixes)
 
 
 # ----------------------------------------------------------------------------- raw-unit exports
@@ -84,14 +118,16 @@ def name_of(params_raw: dict) -> str:
 def split_raw(params_raw: dict) -> tuple[str, int | None, dict]:
   """(architecture, TopK's k or None, the arrays alone) of a raw-unit export."""
   name = name_of(params_raw)
-  k = int(params_raw["k"]) if name == "topk" else None
+  k = int(params_raw["k"]) if name == "topk" else None  # BatchTopK exports its threshold
   arrays = {n: v for n, v in params_raw.items() if n not in ("architecture", "k")}
   return name, k, arrays
 
 
 def features(params: dict, x_BxD, *, arch: str, k: int | None = None):
-  """Feature activations f [.., F] of training params or a raw-unit export (k: static int)."""
-  if arch == "jumprelu":
+  """Feature activations f [.., F] of training params or a raw-unit export (k: static int).
+
+  BatchTopK's are its inference features: a JumpReLU with the learned global threshold."""
+  if arch in ("jumprelu", "batchtopk"):
     pre = sae.pre_activations(params, x_BxD)
     return pre * ops.heaviside(pre - sae.threshold(params))
   if arch == "relu":

@@ -219,19 +219,21 @@ def open_npy(path: str, seed: int = 0) -> ActivationSource:
 # ----------------------------------------------------------------------------- synthetic
 
 def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int = 0,
-              noise_std: float = 0.02, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, dict]:
+              noise_std: float = 0.02, freq_exponent: float = 0.5, magnitude_sigma: float = 0.5,
+              chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, dict]:
   """Activations built from known features in superposition (n_features > d).
 
-  Each feature fires independently with a frequency drawn from a power law scaled so the mean
-  L0 is `mean_l0`; active magnitudes are heavy-tailed (log-normal, median 1); the other features'
-  directions overlap, so an inactive feature's pre-activation is low noise, not zero (as in the
-  paper's Figure 1). Returns x [n_rows, d] float32, the true dictionary [n_features, d] (unit
-  rows) and facts (true L0).
+  Each feature fires independently, the i-th most frequent with a frequency ∝ i^−freq_exponent
+  (a power law over freq_exponent·log10(n_features) decades; shuffled over features) scaled so
+  the mean L0 is `mean_l0`, capped at 1/2; active magnitudes are heavy-tailed (log-normal, median
+  1, log-σ `magnitude_sigma`); the other features' directions overlap, so an inactive feature's
+  pre-activation is low noise, not zero (as in the paper's Figure 1). Returns x [n_rows, d]
+  float32, the true dictionary [n_features, d] (unit rows) and facts (true L0, frequencies).
   """
   rng = np.random.default_rng(seed)
   dict_GxD = rng.standard_normal((n_features, d))
   dict_GxD /= np.linalg.norm(dict_GxD, axis=1, keepdims=True)
-  freq_G = 1.0 / np.arange(1, n_features + 1) ** 0.5
+  freq_G = 1.0 / np.arange(1, n_features + 1) ** freq_exponent
   freq_G = np.minimum(freq_G * mean_l0 / freq_G.sum(), 0.5)
   rng.shuffle(freq_G)
   x = np.empty((n_rows, d), np.float32)
@@ -239,7 +241,7 @@ def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int
   for lo in range(0, n_rows, chunk):
     n = min(chunk, n_rows - lo)
     active = rng.random((n, n_features)) < freq_G
-    mags = rng.lognormal(0.0, 0.5, (n, n_features)) * active
+    mags = rng.lognormal(0.0, magnitude_sigma, (n, n_features)) * active
     l0 += int(active.sum())
     x[lo:lo + n] = mags @ dict_GxD + noise_std * rng.standard_normal((n, d))
   return x, dict_GxD.astype(np.float32), {"true_l0": l0 / n_rows, "freq": freq_G}
@@ -256,9 +258,14 @@ def save_synthetic(directory: str, x: np.ndarray, dict_GxD: np.ndarray, facts: d
 
 def dictionary_recovery(W_dec_FxD: np.ndarray, true_GxD: np.ndarray) -> float:
   """Mean over true features of the best cosine similarity with any learned direction."""
+  return float(np.mean(best_cosines(W_dec_FxD, true_GxD)))
+
+
+def best_cosines(W_dec_FxD: np.ndarray, true_GxD: np.ndarray) -> np.ndarray:
+  """Each true feature's best cosine similarity with any learned direction [G]."""
   learned = W_dec_FxD / np.linalg.norm(W_dec_FxD, axis=1, keepdims=True)
   true = true_GxD / np.linalg.norm(true_GxD, axis=1, keepdims=True)
-  return float(np.mean(np.max(true @ learned.T, axis=1)))
+  return np.max(true @ learned.T, axis=1)
 
 
 # ----------------------------------------------------------------------------- prefetch

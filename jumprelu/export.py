@@ -7,6 +7,7 @@ a 0-d string array naming it:
   jumprelu  W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D], threshold [F]  (Gemma Scope layout)
   relu      W_enc, b_enc, W_dec, b_dec
   topk      W_enc, b_enc, W_dec, b_dec, k (0-d int32)
+  batchtopk W_enc, b_enc, W_dec, b_dec, threshold: its inference SAE, a JumpReLU (SAELens: jumprelu)
   gated     W_gate, b_gate, r_mag, b_mag, W_dec, b_dec
 A SAELens folder is
   cfg.json                  architecture, d_in, d_sae, dtype, ..., metadata {model_name (the
@@ -37,7 +38,7 @@ def raw_params(arch_name: str, params: dict, norm_scale, k: int | None = None) -
   With x_n = x / C every pre-activation scales by C, so the biases (and θ) are multiplied by C
   and the weights, r_mag and the TopK ranking are unchanged. JumpReLU's θ is written explicitly
   (`threshold`), whichever way it was trained (sae.threshold_param)."""
-  if arch_name == "jumprelu":
+  if arch_name in ("jumprelu", "batchtopk"):
     params = {**{n: params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
               "threshold": sae.threshold(params)}
   out = {n: (np.asarray(v, np.float32) * (float(norm_scale) if n in _SCALED else 1.0)
@@ -67,9 +68,13 @@ def log10_density(density_F) -> np.ndarray:
 
 
 # Our architecture -> SAELens's (6.x inference classes), and our raw-unit names -> its weights.
-SAELENS_ARCH = {"jumprelu": "jumprelu", "relu": "standard", "gated": "gated", "topk": "topk"}
+# BatchTopK's inference SAE is a JumpReLU with one threshold for every feature.
+SAELENS_ARCH = {"jumprelu": "jumprelu", "relu": "standard", "gated": "gated", "topk": "topk",
+                "batchtopk": "jumprelu"}
+OUR_ARCH = {"jumprelu": "jumprelu", "standard": "relu", "gated": "gated", "topk": "topk"}
 SAELENS_WEIGHT_NAMES = {
     "jumprelu": {k: k for k in GEMMA_SCOPE_KEYS},
+    "batchtopk": {k: k for k in GEMMA_SCOPE_KEYS},
     "relu": {k: k for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
     "topk": {k: k for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
     "gated": {"W_gate": "W_enc", "b_gate": "b_gate", "r_mag": "r_mag", "b_mag": "b_mag",
@@ -192,10 +197,10 @@ def load_saelens(directory: str) -> tuple[dict, dict]:
   with open(os.path.join(directory, SAELENS_CFG)) as fh:
     cfg = json.load(fh)
   theirs = cfg.get("architecture", "standard")
-  ours = {v: k for k, v in SAELENS_ARCH.items()}.get(theirs)
+  ours = OUR_ARCH.get(theirs)
   if ours is None:
     raise ValueError(f"{directory}/cfg.json has architecture {theirs!r}; jumprelu loads "
-                     f"{sorted(SAELENS_ARCH.values())}")
+                     f"{sorted(OUR_ARCH)}")
   if ours == "topk" and not isinstance(cfg.get("k"), int):
     raise ValueError(f"{directory}/cfg.json of a topk SAE must give k, an int; got "
                      f"{cfg.get('k')!r}")

@@ -65,7 +65,9 @@ def make_source(c, workdir: str | None = None) -> tuple[data.ActivationSource, d
     return source, None
   s = c.data.synthetic
   x, true_GxD, facts = data.synthetic(s.n_rows, c.data.d_in, s.n_features, s.mean_l0,
-                                      seed=s.seed, noise_std=s.noise_std)
+                                      seed=s.seed, noise_std=s.noise_std,
+                                      freq_exponent=s.freq_exponent,
+                                      magnitude_sigma=s.magnitude_sigma)
   truth = {"dictionary": true_GxD, "true_l0": facts["true_l0"]}
   return data.ActivationSource([x], ["synthetic"], seed=c.seed), truth
 

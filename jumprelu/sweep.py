@@ -1,4 +1,4 @@
-"""Sweeps over λ, ε and k trained as one vmapped ensemble.
+"""Sweeps over λ, ε, k and the target L0 trained as one vmapped ensemble.
 
 The grid is the product of the non-empty `sweep.*` tuples. Every member starts from the same
 initial params (the config's seed) and sees the same batches, so members differ only in their
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AXES = ("sparsity_coefficient", "bandwidth", "k")
-_SHORT = {"sparsity_coefficient": "lam", "bandwidth": "eps", "k": "k"}
+AXES = ("sparsity_coefficient", "bandwidth", "k", "target_l0")
+_SHORT = {"sparsity_coefficient": "lam", "bandwidth": "eps", "k": "k", "target_l0": "l0"}
 
 
 def is_sweep(c) -> bool:
@@ -32,7 +32,7 @@ def grid(c) -> list[tuple[str, dict]]:
   out = []
   for values in itertools.product(*(c.sweep[a] for a in swept)):
     hp = {"sparsity_coefficient": c.sae.sparsity_coefficient, "bandwidth": c.sae.bandwidth,
-          "k": c.sae.k, **dict(zip(swept, values))}
+          "k": c.sae.k, "target_l0": c.sae.target_l0, **dict(zip(swept, values))}
     name = "_".join(f"{_SHORT[a]}={v:g}" for a, v in zip(swept, values))
     out.append((name, hp))
   return out

@@ -8,7 +8,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from jumprelu import arch, checkpoint, data, features, logs, sae, sharding, sweep
+from jumprelu import arch, baselines, checkpoint, data, features, logs, sae, sharding, sweep
 from jumprelu import workdir as workdir_lib
 
 
@@ -87,25 +87,30 @@ _TOKENS_CAP = 2**30  # keeps the int32 dead-feature counters from overflowing
 def config_hparams(c) -> dict:
   """The per-SAE hyperparameters train_step takes (an ensemble passes one set per member)."""
   return {"sparsity_coefficient": c.sae.sparsity_coefficient, "bandwidth": c.sae.bandwidth,
-          "k": c.sae.k}
+          "k": c.sae.k, "target_l0": c.sae.target_l0}
 
 
 def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
                ) -> tuple[TrainState, dict]:
   """One Adam step on the configured SAE's loss; pure. Returns the new state and scalar metrics.
 
-  `hp` (default config_hparams(c)) holds λ, ε and k; they may be traced, so a vmapped ensemble
-  of SAEs that differ only in them is one program (see sweep.py)."""
+  `hp` (default config_hparams(c)) holds λ, ε, k and the target L0; they may be traced, so a
+  vmapped ensemble of SAEs that differ only in them is one program (see sweep.py)."""
   hp = config_hparams(c) if hp is None else hp
   x_BxD = x_BxD / state.norm_scale
   lam = sparsity_coefficient(c, state.step, hp["sparsity_coefficient"])
+  warmup = sparsity_coefficient(c, state.step, 1.0)  # the warm-up's fraction, for other penalties
   dead_F = state.tokens_since_fired >= c.train.dead_window_tokens
-  (loss, aux), grads = arch.value_and_grad(c, state.params, x_BxD,
-                                           {**hp, "sparsity_coefficient": lam}, dead_F)
+  (loss, aux), grads = arch.value_and_grad(
+      c, state.params, x_BxD, {**hp, "sparsity_coefficient": lam, "warmup": warmup}, dead_F)
   grads["W_dec"] = sae.remove_parallel_grad(state.params["W_dec"], grads["W_dec"])
   updates, opt_state = optimizer(c).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   params["W_dec"] = sae.normalize_decoder(params["W_dec"])
+  if c.sae.arch == "batchtopk":  # its inference threshold: a running mean, not a gradient step
+    params["threshold"] = baselines.batchtopk_threshold(
+        state.params["threshold"], aux["min_kept"], c.sae.batchtopk_threshold_decay,
+        state.step == 0)
 
   fired_F = aux["fired_F"]
   batch = x_BxD.shape[0]
@@ -127,8 +132,10 @@ def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
     metrics["in_window"] = aux["in_window"]
     # In raw activation units (θ·C), as eval.json's threshold_mean and the exports hold θ.
     metrics["threshold_mean"] = jnp.mean(sae.threshold(state.params)) * state.norm_scale
-  if c.sae.arch == "topk":
+  if c.sae.arch in ("topk", "batchtopk"):
     metrics["auxk"] = aux["auxk"]
+  if c.sae.arch == "batchtopk":  # the inference threshold, in raw activation units
+    metrics["threshold_mean"] = jnp.mean(params["threshold"]) * state.norm_scale
   if c.sae.arch == "jumprelu" and c.train.step_impl == "sparse":
     metrics["dense_fallback"] = aux["dense_fallback"]  # 1: batch overflowed train.sparse_capacity
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -9,7 +9,7 @@ import re
 import tokenize
 
 from configs import base
-from jumprelu import arch, ops, sae, sweep
+from jumprelu import arch, objectives, ops, sae, sweep
 
 DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
 STEP_IMPLS = ("dense", "sparse")
@@ -42,16 +42,18 @@ def check_config(c) -> None:
   need(c.sae.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0")
   need(c.sae.bandwidth > 0, "sae.bandwidth", "> 0")
   # TopK's keys are range-checked always; against the width only when TopK trains.
-  top = c.sae.width if c.sae.arch == "topk" else math.inf
+  topk = c.sae.arch in ("topk", "batchtopk")
+  top = c.sae.width if topk else math.inf
   for key in ("k", "k_aux"):
     need(isinstance(c.sae[key], int) and 1 <= c.sae[key] <= top, f"sae.{key}",
-         f"an int in [1, sae.width={c.sae.width}]" if c.sae.arch == "topk" else "an int >= 1")
+         f"an int in [1, sae.width={c.sae.width}]" if topk else "an int >= 1")
   need(c.sae.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0")
   for key, ok, expected in (
       ("sparsity_coefficient", lambda v: v >= 0, "values >= 0"),
       ("bandwidth", lambda v: v > 0, "values > 0"),
       ("k", lambda v: isinstance(v, int) and 1 <= v <= c.sae.width,
-       f"ints in [1, sae.width={c.sae.width}]")):
+       f"ints in [1, sae.width={c.sae.width}]"),
+      ("target_l0", lambda v: v > 0, "values > 0")):
     values = c.sweep[key]
     need(isinstance(values, tuple | list) and all(
         isinstance(v, int | float) and math.isfinite(v) and ok(v) for v in values)
@@ -65,6 +67,7 @@ def check_config(c) -> None:
        "'dense' in a sweep (the sparse step's capacity fallback does not vmap efficiently)")
   need(c.train.step_impl == "dense" or c.sae.arch == "jumprelu", "train.step_impl",
        "'dense' unless sae.arch='jumprelu' (the sparse step is JumpReLU's)")
+  _check_objectives(c, need)
   need(c.sae.kernel in ops.KERNELS, "sae.kernel", f"one of {ops.KERNELS}")
   need(c.sae.threshold_init > 0, "sae.threshold_init", "> 0")
   need(c.sae.threshold_param in sae.THRESHOLD_PARAMS, "sae.threshold_param",
@@ -132,9 +135,40 @@ def check_config(c) -> None:
     need(0 < s.mean_l0 <= s.n_features / 2, "data.synthetic.mean_l0",
          "in (0, n_features / 2]")
     need(s.noise_std >= 0, "data.synthetic.noise_std", ">= 0")
+    need(s.freq_exponent >= 0, "data.synthetic.freq_exponent", ">= 0 (0: equal firing rates)")
+    need(s.magnitude_sigma >= 0, "data.synthetic.magnitude_sigma", ">= 0")
     need(s.seed >= 0, "data.synthetic.seed", ">= 0")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_objectives(c, need) -> None:
+  """The sparsity objectives (objectives.py), BatchTopK's threshold and the Matryoshka prefixes."""
+  s = c.sae
+  need(0 <= s.batchtopk_threshold_decay < 1, "sae.batchtopk_threshold_decay", "in [0, 1)")
+  need(s.sparsity_loss in objectives.SPARSITY_LOSSES, "sae.sparsity_loss",
+       f"one of {objectives.SPARSITY_LOSSES}")
+  need(s.target_l0 > 0, "sae.target_l0", "> 0 (features per token)")
+  need(s.tanh_scale > 0, "sae.tanh_scale", "> 0")
+  need(s.pre_act_coefficient >= 0, "sae.pre_act_coefficient", ">= 0 (0: off)")
+  need(s.frequency_coefficient >= 0, "sae.frequency_coefficient", ">= 0 (0: off)")
+  need(0 < s.frequency_max < 1, "sae.frequency_max", "in (0, 1) (a fraction of tokens)")
+  # Another architecture would ignore JumpReLU's objectives in silence.
+  other = f"when sae.arch={s.arch!r} (they are JumpReLU's objectives)"
+  if s.arch != "jumprelu":
+    need(s.sparsity_loss == "l0", "sae.sparsity_loss", f"'l0' {other}")
+    need(s.pre_act_coefficient == 0, "sae.pre_act_coefficient", f"0 {other}")
+    need(s.frequency_coefficient == 0, "sae.frequency_coefficient", f"0 {other}")
+  need(not c.sweep.target_l0 or s.sparsity_loss == "target_l0", "sweep.target_l0",
+       "empty unless sae.sparsity_loss='target_l0'")
+  prefixes = s.matryoshka_prefixes
+  need(isinstance(prefixes, tuple | list) and all(
+      isinstance(m, int) and not isinstance(m, bool) for m in prefixes) and all(
+      1 <= a < b for a, b in zip(prefixes, [*prefixes[1:], s.width])), "sae.matryoshka_prefixes",
+       f"a tuple of increasing ints in [1, sae.width={s.width}) (empty: no Matryoshka loss)")
+  need(c.train.step_impl == "dense" or objectives.uses_paper_loss(c), "train.step_impl",
+       "'dense' with sae.sparsity_loss other than 'l0', a pre-activation or frequency penalty, or "
+       "Matryoshka prefixes (the sparse step computes the paper's loss only)")
 
 
 def check_keys(c) -> None:

@@ -281,3 +281,85 @@ def test_topk_grads_flow_only_through_selected_latents():
                               "b_dec": np.zeros(D), "W_dec": z.T @ g_ehat})
   assert not np.any(np.asarray(g_aux["b_enc"])[~DEAD])
   assert not np.any(np.asarray(g_aux["W_dec"])[~DEAD])
+
+
+# ----------------------------------------------------------------------------- BatchTopK
+
+def _batchtopk_ref(p, x, k):
+  """The batch's B·k largest ReLU'd pre-activations kept (numpy, no ties in test data)."""
+  pre = np.maximum(x @ p["W_enc"] + p["b_enc"], 0)
+  flat = pre.reshape(-1)
+  keep = np.zeros(flat.shape, bool)
+  keep[np.argsort(-flat)[:len(x) * k]] = True
+  keep = keep.reshape(pre.shape) & (pre > 0)
+  return np.where(keep, pre, 0), keep, pre[keep].min()
+
+
+_batchtopk_vg = jax.jit(jax.value_and_grad(
+    lambda p, x, dead: baselines.batchtopk_loss(p, x, k=K, k_aux=K_AUX, aux_coefficient=0.5,
+                                                dead_F=dead), has_aux=True))
+
+
+def _batchtopk_params():
+  p = _perturbed(baselines.batchtopk_init, seed=7)
+  p["b_enc"] = p["b_enc"] + 0.5
+  return p
+
+
+def test_batchtopk_keeps_the_batch_top_and_matches_numpy():
+  p, x = _batchtopk_params(), _x()
+  f, pre, min_kept = baselines.batchtopk_encode(p, x, k=K)
+  f_np, keep, min_np = _batchtopk_ref(_np(p), x, K)
+  np.testing.assert_allclose(f, f_np, rtol=1e-5, atol=1e-6)
+  assert np.sum(keep) == B * K and len(set(keep.sum(1))) > 1  # k on average, not per row
+  np.testing.assert_allclose(min_kept, min_np, rtol=1e-6)
+  (loss, aux), _ = _batchtopk_vg(p, x, jnp.asarray(DEAD))
+  pn = _np(p)
+  x_hat = f_np @ pn["W_dec"] + pn["b_dec"]
+  # The loss is TopK's with the batch's selection: recon + α·AuxK on the same residual.
+  dead_pre = np.where(DEAD, np.maximum(x @ pn["W_enc"] + pn["b_enc"], 0), -1.0)
+  z, _ = _keep_top(dead_pre, K_AUX)
+  z = np.where(DEAD, z, 0)
+  e = x - x_hat
+  auxk = np.sum((e - z @ pn["W_dec"]) ** 2) / np.sum((e - e.mean(0)) ** 2)
+  np.testing.assert_allclose(loss, np.mean(np.sum(e**2, 1)) + 0.5 * auxk, rtol=1e-5)
+  np.testing.assert_allclose(aux["min_kept"], min_np, rtol=1e-6)
+  np.testing.assert_allclose(np.mean(aux["l0_B"]), K)
+
+
+def test_batchtopk_grads_flow_only_through_kept_entries_and_not_to_threshold():
+  p, x = _batchtopk_params(), _x()
+  _, g = _batchtopk_vg(p, x, jnp.zeros(F, bool))
+  pn = _np(p)
+  f, keep, _ = _batchtopk_ref(pn, x, K)
+  g_xhat = 2 * (f @ pn["W_dec"] + pn["b_dec"] - x) / B
+  g_pi = keep * (g_xhat @ pn["W_dec"].T)
+  _assert_grads_close(g, {"W_enc": x.T @ g_pi, "b_enc": g_pi.sum(0), "b_dec": g_xhat.sum(0),
+                          "W_dec": f.T @ g_xhat, "threshold": np.zeros(F)})
+
+
+def test_batchtopk_traced_k_matches_static_k():
+  p, x = _batchtopk_params(), _x()
+  traced = jax.jit(lambda k: baselines.batchtopk_encode(p, x, k=k)[::2])
+  static = jax.jit(lambda k: baselines.batchtopk_encode(p, x, k=k)[::2], static_argnums=0)
+  for k in (1, 2, 4):
+    for a, b in zip(traced(jnp.int32(k)), static(k)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_kept():
+  theta = jnp.zeros(F)
+  theta = baselines.batchtopk_threshold(theta, 0.8, 0.9, True)  # the first step: taken as is
+  np.testing.assert_allclose(theta, 0.8)
+  theta = baselines.batchtopk_threshold(theta, 0.3, 0.9, False)
+  np.testing.assert_allclose(theta, 0.9 * 0.8 + 0.1 * 0.3, rtol=1e-6)
+
+
+def test_kth_largest_is_exact_with_ties_zeros_and_traced_n():
+  rng = np.random.default_rng(8)
+  v = np.maximum(rng.normal(size=(7, 13)), 0).astype(np.float32)  # many exact zeros
+  v[2, :4] = v[0, 0]  # ties
+  ranked = np.sort(v.reshape(-1))[::-1]
+  kth = jax.jit(baselines._kth_largest)
+  for n in (1, 5, 20, int(np.sum(v > 0)), v.size):
+    assert kth(v, jnp.int32(n)) == ranked[n - 1], n

@@ -100,6 +100,23 @@ def test_synthetic_has_requested_statistics_and_saves(tmp_path):
   assert os.path.exists(tmp_path / "facts.json")
 
 
+def test_synthetic_firing_rates_and_magnitudes_follow_their_knobs():
+  """configs/synthetic_hard.py's settings: rates over two decades, log-normal magnitudes."""
+  n_features = 64
+  x, g, facts = data.synthetic(65536, 16, n_features, 1.5, seed=0, noise_std=0.0,
+                               freq_exponent=2 / np.log10(n_features), magnitude_sigma=1.0)
+  freq = np.sort(facts["freq"])[::-1]
+  np.testing.assert_allclose(freq[0] / freq[-1], 100.0, rtol=1e-6)  # two decades
+  np.testing.assert_allclose(freq / freq[0], np.arange(1, n_features + 1) ** -(2 / np.log10(64)))
+  assert freq[0] < 0.5 and abs(facts["true_l0"] - 1.5) < 0.05  # below the cap at 1/2
+  # Rows holding exactly one feature: |x| is that feature's magnitude, log-normal with σ = 1.
+  mags = np.linalg.norm(x, axis=1)
+  one = (mags > 0) & (np.abs(np.abs(x @ g.T).max(1) - mags) < 1e-5)
+  assert np.std(np.log(mags[one])) == pytest.approx(1.0, abs=0.05)
+  _, _, equal = data.synthetic(1000, 16, n_features, 2.0, seed=0, freq_exponent=0.0)
+  np.testing.assert_allclose(equal["freq"], 2.0 / n_features)
+
+
 def test_dictionary_recovery():
   g = np.eye(4, 8, dtype=np.float32)
   assert data.dictionary_recovery(np.concatenate([g, -g]), g) == pytest.approx(1.0)

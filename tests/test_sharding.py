@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from jumprelu import arch as arch_lib
 from jumprelu import checkpoint, run, sharding, train
 from tests.conftest import tiny
 
@@ -111,7 +112,7 @@ def test_automatic_mesh_shape():
 
 def test_every_state_leaf_has_a_declared_layout():
   mesh = sharding.make_mesh(2, 4)
-  for arch in ("jumprelu", "relu", "gated", "topk"):  # every leaf of every train state is named
+  for arch in arch_lib.ARCHS:  # every leaf of every train state is named
     c = tiny(**{"sae.arch": arch})
     sharding.tree_shardings(mesh, jax.eval_shape(lambda: train.init_state(c, jax.random.key(0),
                                                                           1.0)))

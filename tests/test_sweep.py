@@ -21,6 +21,7 @@ SWEEPS = {
     "jumprelu": {"sweep.sparsity_coefficient": (1e-3, 3e-2), "sweep.bandwidth": (1e-2,)},
     "topk": {"sweep.k": (2, 5), "sae.k_aux": 16, "train.dead_window_tokens": 128},
     "gated": {"sweep.sparsity_coefficient": (0.1, 1.0)},
+    "batchtopk": {"sweep.k": (2, 5), "sae.k_aux": 16, "train.dead_window_tokens": 128},
 }
 
 
@@ -138,7 +139,8 @@ def test_grid_names_and_member_configs():
     ({"sweep.sparsity_coefficient": (1e-3, 1e-3)}, "sweep.sparsity_coefficient must be a tuple"),
     ({"sae.arch": "topk", "sweep.k": (4, 65)}, "sweep.k must be a tuple of distinct ints in [1, "
                                                "sae.width=64]"),
-    ({"sae.arch": "tokp"}, "sae.arch must be one of ('jumprelu', 'relu', 'gated', 'topk')"),
+    ({"sae.arch": "tokp"}, "sae.arch must be one of ('jumprelu', 'relu', 'gated', 'topk', "
+                           "'batchtopk')"),
     ({"sae.arch": "topk", "sae.k": 0}, "sae.k must be an int in [1, sae.width=64], got 0"),
 ])
 def test_bad_sweeps_are_refused_before_compute(overrides, message):
