@@ -46,7 +46,7 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
   assert manifest["spec"]["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # stores resume as before
 
   # Both exports, imported again, encode and decode real SmolLM2 activations as the trained SAE
-  # does (normalisation folded in): the round trip the interop issue asks for.
+  # does (normalisation folded in): the export round trip.
   import jax
   from jumprelu import checkpoint, data, sae, sharding, train
   from configs import smollm2_135m
