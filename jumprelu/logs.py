@@ -82,13 +82,20 @@ def _tensorboard(workdir: str, purge_step: int | None = None):
                        filename_suffix=f".{time.time_ns()}")
 
 
+def _rewrite(path: str, keep, extra=()) -> None:
+  """Rewrites a JSON-lines file with the records `keep` accepts, then `extra`."""
+  records = []
+  if os.path.exists(path):
+    with open(path) as fh:
+      records = [json.loads(line) for line in fh if line.strip()]
+  elif not extra:
+    return
+  files.save_jsonl(path, [r for r in records if keep(r)] + list(extra))
+
+
 def _truncate(path: str, resume_step: int) -> None:
   """Drops the lines of a JSON-lines file logged after `resume_step` (they will be redone)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as fh:
-    records = [json.loads(line) for line in fh if line.strip()]
-  files.save_jsonl(path, [r for r in records if r["step"] <= resume_step])
+  _rewrite(path, lambda r: r["step"] <= resume_step)
 
 
 def _append(path: str, record: dict) -> None:
@@ -210,7 +217,10 @@ def write_eval(workdir: str, step: int, scalars: dict, *, tensorboard: bool) -> 
     return
   values = {f"eval/{k}": v for k, v in scalars.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-  _append(os.path.join(workdir, "metrics.jsonl"), {"step": step, **values})
+  # A re-evaluation (other eval.* keys) replaces the earlier evaluation's record at this step.
+  stale = lambda r: r["step"] == step and any(k.startswith("eval/") for k in r)
+  _rewrite(os.path.join(workdir, "metrics.jsonl"), lambda r: not stale(r),
+           [{"step": step, **values}])
   if tensorboard:
     with _tensorboard(workdir) as tb:
       for tag, v in values.items():

@@ -239,3 +239,14 @@ def test_logged_metrics_skips_eval_records_at_the_same_step(tmp_path):
   assert [sorted(json.loads(l)) for l in open(tmp_path / "metrics.jsonl")][0] == [
       "eval/l0", "step"]
   assert workdir.logged_metrics(str(tmp_path), 20) == {"step": 20, **METRICS}
+
+
+def test_a_re_evaluation_replaces_the_earlier_eval_record(tmp_path):
+  w = logs.MetricWriter(str(tmp_path), 0, 20, 8, progress=False)
+  w.write(20, METRICS)
+  w.close()
+  logs.write_eval(str(tmp_path), 20, {"l0": 3.0}, tensorboard=False)
+  logs.write_eval(str(tmp_path), 20, {"l0": 4.0}, tensorboard=False)  # other eval.* keys
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines == [{"step": 20, **lines[0]}, {"step": 20, "eval/l0": 4.0}]
+  assert "loss" in lines[0]  # the train record stays
