@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from jumprelu import (checkpoint, data, evaluate, export, features, files, harvest, sharding,
-                      sweep, train, validate)
+from jumprelu import (checkpoint, data, evaluate, export, features, files, harvest, live,
+                      sharding, sweep, train, validate)
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
 
@@ -52,7 +52,7 @@ def make_source(c, workdir: str | None = None) -> tuple[data.ActivationSource, d
   """The configured activation source (width, and a harvested store's model and site, checked
   against the config), and for synthetic data the ground truth: the true dictionary and L0."""
   if c.data.source == "live":
-    source = harvest.LiveSource(c)
+    source = live.LiveSource(c)
     validate.check_width(c, source.d, source.names[0])
     return source, None
   if c.data.source in ("npy", "harvest"):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jumprelu import data, harvest, run
+from jumprelu import data, harvest, live, run
 from jumprelu.lm import activations as lm_act
 from tests.conftest import tiny
 from tests.tiny_lm import tiny_lm
@@ -19,7 +19,7 @@ def lm():
 
 def test_batches_are_pure_and_come_from_the_lm(tmp_path, lm):
   c = config()
-  a, b = harvest.LiveSource(c, lm), harvest.LiveSource(c, lm)
+  a, b = live.LiveSource(c, lm), live.LiveSource(c, lm)
   for step in (7, 0, 4, 7):  # out of order, across chunks, and back
     np.testing.assert_array_equal(a.batch(step, 32), b.batch(step, 32))
   # Chunk 0 holds the activations of contexts 0..7: the same rows a harvest stores first.
