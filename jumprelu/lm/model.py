@@ -65,6 +65,22 @@ class LMConfig:
       raise ValueError("LMConfig.sliding_layers is set but sliding_window is None.")
 
 
+def param_shapes(cfg: LMConfig) -> dict:
+  """The params dict's shapes (see the module docstring), without any weights."""
+  D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+  HDh, KDh = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  layer = {"pre_attn_norm_D": (D,), "q_DxHDh": (D, HDh), "k_DxKDh": (D, KDh),
+           "v_DxKDh": (D, KDh), "o_HDhxD": (HDh, D), "pre_mlp_norm_D": (D,),
+           "gate_DxF": (D, F), "up_DxF": (D, F), "down_FxD": (F, D)}
+  if cfg.family == "gemma2":
+    layer |= {"post_attn_norm_D": (D,), "post_mlp_norm_D": (D,)}
+  shapes = {"embed_VxD": (V, D), "final_norm_D": (D,),
+            "layers": {k: (N, *s) for k, s in layer.items()}}
+  if not cfg.tie_embeddings:
+    shapes["unembed_DxV"] = (D, V)
+  return shapes
+
+
 # ---------------------------------------------------------------------------------------------
 # Hook sites.
 # ---------------------------------------------------------------------------------------------
