@@ -26,7 +26,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
   evaluating = evaluate.check_inputs(c, workdir)  # the eval.* keys, before hours of work
   if c.data.source == "harvest":
     harvest.harvest(c, workdir_lib.store_path(c, workdir), lm_act.load_lm(c))
-  source, truth = make_source(c, workdir)
+  source, truth = make_source(c, workdir, mesh)
   logging.info("mesh %s over %d devices; data: %d rows of width %d", dict(mesh.shape),
                mesh.size, source.n, source.d)
 
@@ -48,11 +48,13 @@ def train_and_evaluate(c, workdir: str) -> dict:
 
 # ----------------------------------------------------------------------------- the source
 
-def make_source(c, workdir: str | None = None) -> tuple[data.ActivationSource, dict | None]:
+def make_source(c, workdir: str | None = None, mesh=None
+                ) -> tuple[data.ActivationSource, dict | None]:
   """The configured activation source (width, and a harvested store's model and site, checked
-  against the config), and for synthetic data the ground truth: the true dictionary and L0."""
+  against the config), and for synthetic data the ground truth: the true dictionary and L0.
+  A live source computes its activations on `mesh` (default: the config's)."""
   if c.data.source == "live":
-    source = live.LiveSource(c)
+    source = live.LiveSource(c, mesh=mesh)
     validate.check_width(c, source.d, source.names[0])
     return source, None
   if c.data.source in ("npy", "harvest"):
@@ -60,7 +62,7 @@ def make_source(c, workdir: str | None = None) -> tuple[data.ActivationSource, d
     manifest = data.read_manifest(path)
     if manifest is not None:
       harvest.check_store(c, manifest["spec"], path)
-    source = data.open_npy(path, seed=c.seed)
+    source = data.open_npy(path, c.seed, c.data.sampler, c.data.block_rows, c.data.buffer_blocks)
     validate.check_width(c, source.d, path)
     return source, None
   s = c.data.synthetic
@@ -69,7 +71,8 @@ def make_source(c, workdir: str | None = None) -> tuple[data.ActivationSource, d
                                       freq_exponent=s.freq_exponent,
                                       magnitude_sigma=s.magnitude_sigma)
   truth = {"dictionary": true_GxD, "true_l0": facts["true_l0"]}
-  return data.ActivationSource([x], ["synthetic"], seed=c.seed), truth
+  return data.ActivationSource([x], ["synthetic"], c.seed, data.resolve_sampler(c.data.sampler, ""),
+                               c.data.block_rows, c.data.buffer_blocks), truth
 
 
 # ----------------------------------------------------------------------------- export

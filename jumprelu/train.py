@@ -224,20 +224,32 @@ def _restore_or_init(c, workdir, source, mesh, n_members):
 
 
 def read_rows(c, source, mesh, step: int) -> tuple:
-  """(this process's rows of the batch at `step`, how many non-finite rows were replaced)."""
+  """(this process's rows of the batch at `step`, where the non-finite rows replaced were)."""
   lo, hi = sharding.process_rows(mesh, c.train.batch_size)
   if not c.data.skip_nonfinite:
-    return source.batch(step, c.train.batch_size, lo, hi), 0
-  rows, replaced = source.batch_skipping_nonfinite(step, c.train.batch_size, lo, hi)
+    return source.batch(step, c.train.batch_size, lo, hi), []
+  return source.batch_skipping_nonfinite(step, c.train.batch_size, lo, hi)
+
+
+def read_batch(c, source, mesh, step: int) -> tuple[jax.Array, int]:
+  """(the batch at `step` laid out over the mesh, how many non-finite rows were replaced).
+
+  Every process reads its own rows of a store; a source on the mesh (live) gathers the batch on
+  the devices from activations already there."""
+  if getattr(source, "on_mesh", False):
+    x, replaced = source.global_batch(step, c.train.batch_size, c.data.skip_nonfinite)
+  else:
+    rows, replaced = read_rows(c, source, mesh, step)
+    x = sharding.global_batch(mesh, rows, c.train.batch_size)
   if replaced:
     logging.warning("step %d: replaced %d non-finite activation rows (data.skip_nonfinite="
                     "True): %s", step, len(replaced), ", ".join(replaced[:5]))
-  return rows, len(replaced)
+  return x, len(replaced)
 
 
 def global_batch(c, source, mesh, step: int) -> jax.Array:
   """The batch at `step`, laid out over the mesh (every process reads its own rows)."""
-  return sharding.global_batch(mesh, read_rows(c, source, mesh, step)[0], c.train.batch_size)
+  return read_batch(c, source, mesh, step)[0]
 
 
 def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
@@ -247,17 +259,17 @@ def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
   step_fn = jit_train_step(c, mesh, shardings)
   start, num_steps = int(state.step), c.train.num_steps
 
-  def to_devices(step):  # on the prefetch thread
-    rows, replaced = read_rows(c, source, mesh, step)
-    return sharding.global_batch(mesh, rows, c.train.batch_size), replaced
-
+  to_devices = lambda step: read_batch(c, source, mesh, step)
   log_every = c.train.log_every
   # Rows replaced since the last metrics line; a resumed run recounts the steps it skips over.
-  replaced_since_log = sum(read_rows(c, source, mesh, s)[1] for s in range(
+  replaced_since_log = sum(to_devices(s)[1] for s in range(
       start - start % log_every, start)) if c.data.skip_nonfinite else 0
   last, pending, saving = {}, None, False
   preempted, stop_listening = workdir_lib.preemption_notice()
-  batches = data.Prefetch(to_devices, range(start, num_steps), c.train.prefetch)
+  # A source on the mesh runs collectives (the LM's chunk, the gather): in this thread, so that
+  # every process dispatches them in the same order as the steps. Stores prefetch on a thread.
+  batches = data.Prefetch(to_devices, range(start, num_steps),
+                          0 if getattr(source, "on_mesh", False) else c.train.prefetch)
   try:
     for step in range(start, num_steps):
       x, replaced = next(batches)
