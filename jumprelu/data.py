@@ -1,10 +1,15 @@
-"""Activation sources: `.npy` shards on disk (memory-mapped) and a synthetic source.
+"""Activation sources: `.npy` shards (memory-mapped when local, read by ranged reads from a
+bucket such as gs://) and a synthetic source.
 
-The batch at step s is a pure function of (seed, s): row positions s·B … s·B+B−1 of an endless
-stream are mapped through a per-epoch pseudo-random permutation of the N stored rows. The
-permutation is a Feistel network with cycle walking, so it needs O(1) memory for any N and a
-resumed or multi-process run reads exactly the rows an uninterrupted run would.
+The batch at step s is a pure function of (seed, s), so a resumed or multi-process run reads
+exactly the rows an uninterrupted run would. Two samplers (data.sampler):
+- rows: row positions s·B … s·B+B−1 of an endless stream are mapped through a per-epoch
+  pseudo-random permutation of the N stored rows, a Feistel network with cycle walking (O(1)
+  memory for any N). Every row is read on its own: right for a memory-map, not for a bucket.
+- blocks: large contiguous blocks of rows are read into a per-process shuffle buffer (the scheme
+  and its shuffle quality: the block-sampler section below). The default for a remote store.
 """
+import concurrent.futures
 import glob
 import json
 import os
@@ -15,11 +20,16 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from jumprelu import files
+from jumprelu import files, storage
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 DTYPES = ("float32", "float16", "bfloat16")  # what an activation store may hold
 _REPLACE_ATTEMPTS = 64  # tries to find a finite stand-in for a non-finite row
+SAMPLERS = ("auto", "rows", "blocks")  # data.sampler; auto: blocks for a remote store, else rows
+BLOCK_ROWS = 4096  # data.block_rows's default: 28 MiB per read at Gemma 2 9B's D=3584 in bf16
+BUFFER_BLOCKS = 64  # data.buffer_blocks's default
+_READ_THREADS = 8  # concurrent block reads (a bucket serves one stream far below its bandwidth)
+_BLOCK_SALT, _PIECE_SALT = 0xB10C5, 0x91ECE  # keep the block sampler's keys apart from the rows'
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -59,9 +69,12 @@ def permute(i: np.ndarray, n: int, seed: int, epoch: np.ndarray) -> np.ndarray:
 
 
 class ActivationSource:
-  """Rows from a list of [N_i, D] arrays (memory-maps or in-memory), sampled statelessly."""
+  """Rows from a list of [N_i, D] arrays (memory-maps, in-memory arrays or remote
+  storage.NpyFile), sampled statelessly by the "rows" or the "blocks" sampler."""
 
-  def __init__(self, arrays: list, names: list[str] | None = None, seed: int = 0):
+  def __init__(self, arrays: list, names: list[str] | None = None, seed: int = 0,
+               sampler: str = "rows", block_rows: int = BLOCK_ROWS,
+               buffer_blocks: int = BUFFER_BLOCKS):
     if not arrays:
       raise ValueError("the activation store is empty: no shards to read")
     widths = {a.shape[1] if a.ndim == 2 else None for a in arrays}
@@ -80,6 +93,18 @@ class ActivationSource:
     if self.n == 0:
       raise ValueError(f"the activation store holds 0 rows ({len(arrays)} empty shards)")
     self.seed = seed
+    if sampler not in ("rows", "blocks"):
+      raise ValueError(f"data.sampler must be 'rows' or 'blocks' here, got {sampler!r}")
+    if block_rows < 1 or buffer_blocks < 1:
+      raise ValueError(f"data.block_rows and data.buffer_blocks must be >= 1, got {block_rows} "
+                       f"and {buffer_blocks}")
+    self.sampler, self.buffer_blocks = sampler, buffer_blocks
+    self.block_rows = min(block_rows, self.n)  # a block larger than the store is the store
+    self._block_seed = (seed ^ _BLOCK_SALT) % 2**64
+    self._piece_seed = (seed ^ _PIECE_SALT) % 2**64
+    dtypes = {a.dtype for a in arrays}
+    self._piece_dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+    self._pieces, self._lock, self._pool = {}, threading.Lock(), None  # the block buffer
 
   def rows(self, idx: np.ndarray) -> np.ndarray:
     """The rows with these global indices, as float32 [len(idx), D], read shard by shard."""
@@ -92,19 +117,65 @@ class ActivationSource:
       out[where[order]] = np.asarray(self.arrays[s][local[order]], np.float32)
     return out
 
+  def read_range(self, lo: int, hi: int) -> np.ndarray:
+    """Global rows [lo, hi) in one sequential read per shard they span."""
+    parts = []
+    s = int(np.searchsorted(self.offsets, lo, side="right") - 1)
+    while lo < hi:
+      while self.offsets[s + 1] <= lo:  # an empty shard
+        s += 1
+      end = min(hi, int(self.offsets[s + 1]))
+      a, base = self.arrays[s], int(self.offsets[s])
+      part = (a.rows(lo - base, end - base) if isinstance(a, storage.NpyFile)
+              else np.array(a[lo - base:end - base]))  # a copy: the read happens here
+      parts.append(part.astype(self._piece_dtype, copy=False))
+      lo, s = end, s + 1
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
   def batch_indices(self, step: int, batch_size: int, lo: int = 0, hi: int | None = None):
     """Global row indices of positions [lo, hi) of the batch at `step`."""
     hi = batch_size if hi is None else hi
-    pos = np.int64(step) * batch_size + np.arange(lo, hi, dtype=np.int64)
-    return permute(pos % self.n, self.n, self.seed, pos // self.n)
+    return self._locate(self._key(step, batch_size, lo, hi))[0]
+
+  def _key(self, step: int, batch_size: int, lo: int, hi: int) -> np.ndarray:
+    """What positions [lo, hi) of the batch at `step` draw before the sampler's shuffle: [1, n]
+    stream positions (rows), or [2, n] (piece, offset in its lane's window) (blocks)."""
+    i = np.arange(lo, hi, dtype=np.int64)
+    if self.sampler == "rows":
+      return (np.int64(step) * batch_size + i)[None]
+    c = self.lane_rows(batch_size)
+    window, offset = np.divmod(np.int64(step) * c + i % c, self.block_rows)
+    return np.stack([window * self.buffer_blocks + i // c, offset])
+
+  def _locate(self, key: np.ndarray, attempt: int = 0) -> tuple:
+    """(global rows, where to read them) for a key; attempt a > 0 gives the a-th stand-in."""
+    if self.sampler == "rows":
+      pos = key[0]  # each attempt reads the stream of another seed at the same positions
+      idx = permute(pos % self.n, self.n, (self.seed + attempt) % 2**64, pos // self.n)
+      return idx, idx
+    piece, offset = key  # each attempt reads another row of the same (buffered) piece
+    row = permute(offset, self.block_rows, (self._piece_seed + attempt) % 2**64, piece)
+    return self.stream_rows(piece * self.block_rows + row), (piece, row)
+
+  def _read(self, where, refill: bool = True) -> np.ndarray:
+    """float32 rows at `where` (from _locate). Blocks: from the buffer; with refill, pieces no
+    longer needed are dropped and the next window's are read ahead."""
+    if self.sampler == "rows":
+      return self.rows(where)
+    piece, row = where
+    pieces = self._fetch(np.unique(piece), ahead=refill)
+    out = np.empty((len(piece), self.d), np.float32)
+    for g, rows_KxD in pieces.items():
+      at = piece == g
+      out[at] = rows_KxD[row[at]]
+    return out
 
   def where(self, g: int) -> str:
     """'SHARD at row R' for global row index g."""
     s = int(np.searchsorted(self.offsets, g, side="right") - 1)
     return f"{self.names[s]} at row {int(g - self.offsets[s])}"
 
-  def _refuse_nonfinite(self, x: np.ndarray, idx: np.ndarray, what: str) -> None:
-    bad = ~np.isfinite(x).all(axis=1)
+  def _refuse_nonfinite(self, bad: np.ndarray, idx: np.ndarray, what: str) -> None:
     if bad.any():
       raise FloatingPointError(
           f"non-finite activation in {self.where(idx[np.argmax(bad)])} ({what}); fix or remove "
@@ -112,47 +183,59 @@ class ActivationSource:
 
   def batch(self, step: int, batch_size: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
     """Rows [lo, hi) of the batch at `step` (the whole batch by default), checked finite."""
-    idx = self.batch_indices(step, batch_size, lo, hi)
-    x = self.rows(idx)
-    self._refuse_nonfinite(x, idx, f"batch of step {step}")
+    hi = batch_size if hi is None else hi
+    idx, where = self._locate(self._key(step, batch_size, lo, hi))
+    x = self._read(where)
+    self._refuse_nonfinite(~np.isfinite(x).all(axis=1), idx, f"batch of step {step}")
     return x
 
   def batch_skipping_nonfinite(self, step: int, batch_size: int, lo: int = 0,
                                hi: int | None = None) -> tuple[np.ndarray, list[str]]:
     """Like `batch`, but a row holding NaN or Inf is replaced by a finite row from elsewhere in
-    the store, chosen by (seed, step, position) alone: the batch keeps its static shape and a
-    resumed run reads what an uninterrupted one did. Returns the rows and where the bad ones are."""
+    the store (blocks: from the same block), chosen by (seed, step, position) alone: the batch
+    keeps its static shape and a resumed run reads what an uninterrupted one did. Returns the
+    rows and where the bad ones are."""
     hi = batch_size if hi is None else hi
-    idx = self.batch_indices(step, batch_size, lo, hi)
-    x = self.rows(idx)
+    key = self._key(step, batch_size, lo, hi)
+    idx, where = self._locate(key)
+    x = self._read(where)
     bad = ~np.isfinite(x).all(axis=1)
     replaced = [self.where(g) for g in idx[bad]]
-    pos = np.int64(step) * batch_size + np.arange(lo, hi, dtype=np.int64)
     for attempt in range(1, _REPLACE_ATTEMPTS + 1):
       if not bad.any():
         return x, replaced
-      p = pos[bad]  # each attempt reads the stream of another seed at the same positions
-      alt = permute(p % self.n, self.n, (self.seed + attempt) % 2**64, p // self.n)
-      x[bad] = self.rows(alt)
+      x[bad] = self._read(self._locate(key[:, bad], attempt)[1], refill=False)
       bad[bad] = ~np.isfinite(x[bad]).all(axis=1)
     raise FloatingPointError(
         f"the batch of step {step} found no finite stand-in for {int(bad.sum())} non-finite rows "
         f"in {_REPLACE_ATTEMPTS} tries (e.g. {replaced[0]}); most of the store is non-finite")
 
   def mean_sq_norm(self, n_rows: int, skip_nonfinite: bool = False) -> float:
-    """E‖x‖² over a seeded random sample of rows (for the input normalisation); non-finite rows
+    """E‖x‖² over a seeded sample of rows (for the input normalisation): random rows (rows
+    sampler) or the first n_rows of the block stream, whole blocks (blocks); non-finite rows
     raise, or with skip_nonfinite are left out."""
     n_rows = min(n_rows, self.n)
-    idx = np.sort(permute(np.arange(n_rows), self.n, self.seed ^ 0x5EED, np.uint64(0)))
-    x = self.rows(idx)
+    if self.sampler == "rows":
+      idx = np.sort(permute(np.arange(n_rows), self.n, self.seed ^ 0x5EED, np.uint64(0)))
+      x = self.rows(idx)
+      sq, bad = np.sum(x.astype(np.float64) ** 2, axis=1), ~np.isfinite(x).all(axis=1)
+    else:  # a few pieces at a time, none kept: norm_rows may exceed the buffer
+      idx, sq, bad = self.stream_rows(np.arange(n_rows)), [], []
+      pieces = np.arange(-(-n_rows // self.block_rows))
+      for first in range(0, len(pieces), _READ_THREADS):
+        got = self._fetch(pieces[first:first + _READ_THREADS], ahead=False, keep=False)
+        for g in sorted(got):
+          x = got[g][:n_rows - g * self.block_rows].astype(np.float32)
+          sq.append(np.sum(x.astype(np.float64) ** 2, axis=1))
+          bad.append(~np.isfinite(x).all(axis=1))
+      sq, bad = np.concatenate(sq), np.concatenate(bad)
     if skip_nonfinite:
-      x = x[np.isfinite(x).all(axis=1)]
-      if not len(x):
+      sq = sq[~bad]
+      if not len(sq):
         raise FloatingPointError(f"all {n_rows} rows sampled for the input normalisation "
                                  "(data.norm_rows) are non-finite")
     else:
-      self._refuse_nonfinite(x, idx, "sampled for the input normalisation")
-    sq = np.sum(x.astype(np.float64) ** 2, axis=1)
+      self._refuse_nonfinite(bad, idx, "sampled for the input normalisation")
     top = np.sort(sq)[-max(1, len(sq) // 1000):]
     if len(sq) >= 1000 and top.sum() > 0.5 * sq.sum():
       logging.warning(
@@ -163,14 +246,99 @@ class ActivationSource:
           np.sqrt(np.median(sq)))
     return float(np.mean(sq))
 
+  # --------------------------------------------------------------------------- block sampler
+  # data.sampler="blocks". K = data.block_rows, M = data.buffer_blocks, B = train.batch_size,
+  # c = B / M (M must divide B).
+  # 1. Row stream. The store's N rows are cut into ⌊N/K⌋ blocks of K consecutive rows, plus the
+  #    last N mod K rows as one short block. Epoch e of the stream is the full blocks in a
+  #    pseudo-random order (a Feistel permutation keyed by (seed, e)), then the short block:
+  #    a permutation of all N rows, so nothing is left out. Epochs follow each other endlessly.
+  # 2. Pieces. The stream is cut into pieces of K rows, piece g = positions [gK, gK + K). When K
+  #    divides N a piece is one block; else it may join a block's end to the next block's (or
+  #    epoch's) start: a few contiguous ranges, each one ranged read.
+  # 3. Lanes. Batch position i is in lane j = i // c. Lane j at step s takes offsets
+  #    u = s·c … s·c + c − 1 of its own sequence; offsets [wK, wK + K) (its window w) come from
+  #    piece wM + j, offset u lands on row permute(u mod K; seed, piece) of that piece.
+  # So window w reads M consecutive pieces of the stream in full over K / c steps, and windows
+  # follow the stream: the steps of any whole number of windows read every row of the stream's
+  # prefix once (each epoch in full; rows near an epoch's end share windows with the next's).
+  # Shuffle quality: a batch holds c rows from each of M pieces (≈ M blocks of K consecutive
+  # store rows: about M·K / lm.context_len contexts of a harvested store, against B random rows
+  # for the rows sampler), and the K / c batches of a window draw from the same M pieces. Raise
+  # M (memory) or lower K (smaller reads) to mix more.
+  # Per process: rows [lo, hi) of every batch lie in lanes lo // c … (hi − 1) // c, so a process
+  # reads only those lanes' pieces, each once (buffered ahead on a thread pool; it holds ~2 per
+  # lane, each K·D values in the store's dtype), and the batch is the same for any process
+  # count. A non-finite row's stand-in is another row of its piece; mean_sq_norm reads pieces
+  # 0, 1, … (whole blocks chosen by the seed).
+
+  def lane_rows(self, batch_size: int) -> int:
+    """c: the rows of every batch drawn from each of the M pieces of a window."""
+    if batch_size % self.buffer_blocks:
+      raise ValueError(
+          f"train.batch_size={batch_size} is not a multiple of data.buffer_blocks="
+          f"{self.buffer_blocks}: the block sampler draws B / M rows of every batch from each of "
+          f"M blocks; set data.buffer_blocks to a divisor of {batch_size}")
+    return batch_size // self.buffer_blocks
+
+  def stream_rows(self, pos: np.ndarray) -> np.ndarray:
+    """The global rows at positions `pos` of the block sampler's row stream."""
+    k, full = self.block_rows, self.n // self.block_rows
+    epoch, within = np.divmod(np.asarray(pos, np.int64), self.n)
+    block, offset = np.divmod(within, k)
+    out = within.copy()  # the short block keeps its place at the end of every epoch
+    inside = block < full
+    out[inside] = permute(block[inside], full, self._block_seed, epoch[inside]) * k + offset[inside]
+    return out
+
+  def _read_piece(self, g: int) -> np.ndarray:
+    """Piece g: stream positions [gK, gK + K), one ranged read per contiguous run of rows."""
+    rows = self.stream_rows(g * self.block_rows + np.arange(self.block_rows))
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    parts = [self.read_range(int(r[0]), int(r[-1]) + 1) for r in runs]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+  def _fetch(self, needed: np.ndarray, ahead: bool = True, keep: bool = True) -> dict:
+    """{g: piece} for the pieces `needed`, read in parallel where not buffered. With ahead,
+    every other piece is dropped and each needed piece's successor in its lane (g + M) is read
+    ahead on the pool; without keep, pieces read here are not buffered."""
+    needed = [int(g) for g in needed]
+    with self._lock:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, "jumprelu-blocks")
+      later = [g + self.buffer_blocks for g in needed] if ahead else []
+      if ahead:
+        wanted = set(needed) | set(later)
+        self._pieces = {g: f for g, f in self._pieces.items() if g in wanted}
+      futures = {}
+      for g in needed + later:  # the pool reads in submission order: needed pieces first
+        f = self._pieces.get(g) or self._pool.submit(self._read_piece, g)
+        if keep or g in self._pieces:
+          self._pieces[g] = f
+        futures[g] = f
+    out = {}
+    for g in needed:
+      try:
+        out[g] = futures[g].result()
+      except BaseException:
+        with self._lock:  # a failed read is retried by the next call, not remembered
+          if self._pieces.get(g) is futures[g]:
+            del self._pieces[g]
+        raise
+    return out
+
 
 def shard_paths(path: str) -> list[str]:
-  """One `.npy` file, or the sorted `.npy` shards of a directory."""
-  if not os.path.exists(path):
+  """One `.npy` file, or the sorted `.npy` shards of a directory (local or remote)."""
+  if not storage.exists(path):
     raise FileNotFoundError(f"data.path {path!r} does not exist; point it at a .npy file or a "
                             "directory of .npy shards")
-  if os.path.isdir(path):
-    paths = sorted(glob.glob(os.path.join(path, "*.npy")))
+  if storage.isdir(path):
+    if storage.is_remote(path):
+      paths = [storage.join(path, f) for f in storage.listdir(path)
+               if f.endswith(".npy") and not f.startswith(".") and not files.is_temporary(f)]
+    else:
+      paths = sorted(glob.glob(os.path.join(storage.local_path(path), "*.npy")))
     if not paths:
       raise FileNotFoundError(f"data.path {path!r} holds no .npy shards")
     return paths
@@ -179,6 +347,9 @@ def shard_paths(path: str) -> list[str]:
 
 def read_manifest(path: str) -> dict | None:
   """The manifest.json a harvested store carries, or None for plain .npy files."""
+  path = storage.local_path(path)
+  if storage.is_remote(path):
+    return storage.read_json(storage.join(path, "manifest.json")) if storage.isdir(path) else None
   manifest = os.path.join(path, "manifest.json")
   if not os.path.isdir(path) or not os.path.exists(manifest):
     return None
@@ -186,24 +357,39 @@ def read_manifest(path: str) -> dict | None:
     return json.load(fh)
 
 
-def open_npy(path: str, seed: int = 0) -> ActivationSource:
-  """Memory-maps every shard under `path` (never loads one whole).
+def resolve_sampler(sampler: str, path: str) -> str:
+  """data.sampler for the store at `path`: "auto" is blocks for a remote store, else rows."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if sampler == "auto":
+    return "blocks" if storage.is_remote(path) else "rows"
+  if sampler == "rows" and storage.is_remote(path):
+    raise ValueError(f"data.sampler='rows' reads single rows at random, one request each from "
+                     f"the remote store {path!r}; set data.sampler to 'blocks' or 'auto'")
+  return sampler
+
+
+def open_npy(path: str, seed: int = 0, sampler: str = "auto", block_rows: int = BLOCK_ROWS,
+             buffer_blocks: int = BUFFER_BLOCKS) -> ActivationSource:
+  """Opens every shard under `path` without loading one whole: memory-maps when local, ranged
+  reads (storage.NpyFile) when remote; `sampler` and the block keys as data.sampler etc.
 
   A harvested store is read through its manifest: only the shards it lists, each checked to
   hold the rows it says; its bfloat16 shards (saved as uint16) are viewed as bfloat16.
   """
+  sampler, path = resolve_sampler(sampler, path), storage.local_path(path)
   manifest = read_manifest(path)
   if manifest is None:
     paths, rows, stored = shard_paths(path), None, None
   else:
     if not manifest["shards"]:
       raise ValueError(f"the activation store {path} lists no shards; rerun the harvest")
-    paths = [os.path.join(path, s["file"]) for s in manifest["shards"]]
+    paths = [storage.join(path, s["file"]) for s in manifest["shards"]]
     rows, stored = [s["rows"] for s in manifest["shards"]], manifest["spec"]["dtype"]
   arrays = []
   for i, p in enumerate(paths):
     try:
-      a = np.load(p, mmap_mode="r")
+      a = storage.NpyFile(p) if storage.is_remote(p) else np.load(p, mmap_mode="r")
     except (ValueError, OSError) as e:  # a missing, truncated or malformed file
       raise ValueError(f"cannot read activation shard {p}: {e}; rerun the harvest to repair "
                        "a harvested store") from e
@@ -213,7 +399,7 @@ def open_npy(path: str, seed: int = 0) -> ActivationSource:
       raise ValueError(f"activation shard {p} holds {a.shape[0]} rows but its manifest.json "
                        f"says {rows[i]}; rerun the harvest to repair the store")
     arrays.append(a)
-  return ActivationSource(arrays, paths, seed)
+  return ActivationSource(arrays, paths, seed, sampler, block_rows, buffer_blocks)
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -7,6 +7,7 @@ read in large sequential pieces. gs:// needs `pip install gcsfs` (s3://: s3fs); 
 fsspec's in-process filesystem, used by the tests.
 """
 import ast
+import copy
 import io
 import json
 import os
@@ -46,6 +47,13 @@ def exists(path: str) -> bool:
     return os.path.exists(local_path(path))
   fs, p = _fs(path)
   return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+  if not is_remote(path):
+    return os.path.isdir(local_path(path))
+  fs, p = _fs(path)
+  return fs.isdir(p)
 
 
 def makedirs(path: str) -> None:
@@ -120,7 +128,7 @@ def write_npy(path: str, array: np.ndarray) -> None:
 
 class NpyFile:
   """A 2-D .npy file read by row ranges without loading it: a memory-map when local, ranged
-  reads when remote. `shape`, `dtype`; rows(lo, hi) -> np.ndarray [hi - lo, W]."""
+  reads when remote. `shape`, `ndim`, `dtype`; rows(lo, hi) -> np.ndarray [hi - lo, W]."""
 
   def __init__(self, path: str):
     self.path = path
@@ -148,6 +156,21 @@ class NpyFile:
     size = fs.size(p)
     if size < expected:
       raise ValueError(f"{path} is truncated: {size} bytes, its header needs {expected}")
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def view(self, dtype) -> "NpyFile":
+    """The same file read as another dtype of the same item size (uint16 bits as bfloat16)."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize != self.dtype.itemsize:
+      raise ValueError(f"cannot view {self.path} ({self.dtype}) as {dtype}: item sizes differ")
+    out = copy.copy(self)
+    out.dtype = dtype
+    if self._mmap is not None:
+      out._mmap = self._mmap.view(dtype)
+    return out
 
   def rows(self, lo: int, hi: int) -> np.ndarray:
     """Rows [lo, hi) in one sequential read."""

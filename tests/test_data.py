@@ -1,4 +1,5 @@
 """The activation sources: stateless sampling, memory-mapping, bad data, synthetic data."""
+import math
 import os
 
 import numpy as np
@@ -156,3 +157,120 @@ def test_prefetch_yields_in_order_and_raises_at_the_failing_step():
   it.close()  # stops the thread though 998 steps are left
   assert not any(t.name == "jumprelu-prefetch" for t in threading.enumerate())
   assert list(data.Prefetch(lambda s: s, range(4), 2)) == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- block sampler
+
+def _blocks(x, seed=3, block_rows=64, buffer_blocks=4, split=(300, 1)):
+  """A block-sampled source over x cut into shards at `split` (one shard of 1 row)."""
+  cuts = np.cumsum(split)
+  return data.ActivationSource(np.split(x, cuts), seed=seed, sampler="blocks",
+                               block_rows=block_rows, buffer_blocks=buffer_blocks)
+
+
+def _rows(n, d=4):
+  return np.arange(n * d, dtype=np.float32).reshape(n, d)
+
+
+def test_block_sampler_is_a_pure_function_of_seed_and_step():
+  x = _rows(1000)
+  a, b = _blocks(x), _blocks(x)
+  seq = [a.batch(step, 16) for step in range(40)]  # read in order: the buffer fills and drains
+  for step in (39, 3, 17, 0, 25):  # out of order, as a resumed run reads them
+    np.testing.assert_array_equal(b.batch(step, 16), seq[step])
+    np.testing.assert_array_equal(seq[step], x[a.batch_indices(step, 16)])
+  assert not np.array_equal(_blocks(x, seed=4).batch(5, 16), seq[5])
+  assert not np.array_equal(a.batch(5, 16), data.ActivationSource([x], seed=3).batch(5, 16))
+
+
+def test_block_sampler_reads_every_row_once_per_epoch():
+  # N = 1024 = 4 windows of 4 blocks of 64 rows; c = 16 / 4 = 4 rows per block per batch
+  s = _blocks(_rows(1024))
+  for epoch in range(3):
+    idx = np.concatenate([s.batch_indices(step, 16) for step in range(64 * epoch, 64 * epoch + 64)])
+    assert sorted(idx.tolist()) == list(range(1024))
+    batch = s.batch_indices(64 * epoch + 5, 16)
+    assert len(np.unique(batch // 64)) == 4  # a batch mixes the window's 4 blocks, 4 rows each
+
+
+@pytest.mark.parametrize("n,block_rows,buffer_blocks,batch", [
+    (1000, 64, 4, 16),  # N not a multiple of the block: a short block of 40 rows per epoch
+    (1000, 50, 4, 12),  # c = 3 does not divide K = 50: lanes change block mid-batch
+    (1000, 2000, 2, 8),  # a block larger than the store is the store
+])
+def test_uneven_store_is_fully_used(n, block_rows, buffer_blocks, batch):
+  """Every epoch of the block stream is a permutation of all rows, and the batches of whole
+  windows read exactly a prefix of that stream: no row is left out, none read twice."""
+  s = _blocks(_rows(n), block_rows=block_rows, buffer_blocks=buffer_blocks)
+  for epoch in range(3):
+    assert sorted(s.stream_rows(np.arange(epoch * n, epoch * n + n)).tolist()) == list(range(n))
+  k = s.block_rows
+  c = batch // buffer_blocks
+  per = c // math.gcd(c, k)  # windows that end on a step boundary
+  windows = per * -(-max(2, -(-2 * n // (buffer_blocks * k))) // per)  # two epochs or more
+  steps = windows * k // c
+  idx = np.concatenate([s.batch_indices(step, batch) for step in range(steps)])
+  prefix = s.stream_rows(np.arange(windows * buffer_blocks * k))
+  np.testing.assert_array_equal(np.sort(idx), np.sort(prefix))
+  counts = np.bincount(idx, minlength=n)
+  assert counts.min() >= len(idx) // n and counts.max() <= -(-len(idx) // n)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_block_sampler_splits_over_processes(processes):
+  """P processes, each reading rows [lo, hi) of every batch, put together the one-process batch,
+  and each reads only the blocks of its lanes, each once."""
+  x, b = _rows(1000), 32
+  whole = [_blocks(x, buffer_blocks=8).batch(step, b) for step in range(40)]
+  read = []
+  for p in range(processes):
+    s = _blocks(x, buffer_blocks=8)
+    pieces = []
+    real = s._read_piece
+    s._read_piece = lambda g, real=real, pieces=pieces: (pieces.append(g), real(g))[1]
+    lo, hi = p * b // processes, (p + 1) * b // processes
+    for step in range(40):
+      np.testing.assert_array_equal(s.batch(step, b, lo, hi), whole[step][lo:hi])
+    assert len(pieces) == len(set(pieces))  # every block read once
+    lanes = {g % 8 for g in pieces}
+    assert lanes == set(range(8 * p // processes, 8 * (p + 1) // processes))
+    read.append(set(pieces))
+  assert all(not (read[p] & read[q]) for p in range(processes) for q in range(p))
+
+
+def test_block_sampler_non_finite_rows():
+  x = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32)
+  x[123, 2] = np.nan
+  s = _blocks(x, buffer_blocks=2)
+  step = next(t for t in range(500) if 123 in s.batch_indices(t, 8))
+  with pytest.raises(FloatingPointError, match=r"array\[0\] at row 123"):
+    s.batch(step, 8)
+  rows, replaced = s.batch_skipping_nonfinite(step, 8)
+  assert replaced == ["array[0] at row 123"] and np.isfinite(rows).all()
+  at = list(s.batch_indices(step, 8)).index(123)
+  stand_in = np.flatnonzero((x == rows[at]).all(axis=1))
+  assert len(stand_in) == 1 and stand_in[0] // 64 == 123 // 64  # from the same block
+  again, _ = _blocks(x, buffer_blocks=2).batch_skipping_nonfinite(step, 8)
+  np.testing.assert_array_equal(rows, again)
+  with pytest.raises(FloatingPointError, match=r"array\[0\] at row 123"):
+    s.mean_sq_norm(1000)
+  assert s.mean_sq_norm(1000, skip_nonfinite=True) == pytest.approx(
+      np.mean(np.sum(np.delete(x, 123, axis=0).astype(np.float64) ** 2, axis=1)))
+
+
+def test_block_sampler_normalisation_reads_whole_blocks():
+  x = np.random.default_rng(1).normal(size=(1000, 4)).astype(np.float32) * 3
+  s = _blocks(x)
+  pieces = []
+  real = s._read_piece
+  s._read_piece = lambda g: (pieces.append(g), real(g))[1]
+  idx = s.stream_rows(np.arange(200))
+  assert s.mean_sq_norm(200) == pytest.approx(np.mean(np.sum(x[idx].astype(np.float64) ** 2, 1)))
+  assert sorted(pieces) == [0, 1, 2, 3]  # 200 rows: 4 blocks of 64, not 200 random rows
+  assert len(np.unique(idx // 64)) == 4
+
+
+def test_block_sampler_refuses_a_batch_it_cannot_split():
+  with pytest.raises(ValueError, match=r"train.batch_size=30 is not a multiple of "
+                                       r"data.buffer_blocks=4.*divisor of 30"):
+    _blocks(_rows(100)).batch(0, 30)
