@@ -11,7 +11,12 @@ def get_config() -> ml_collections.ConfigDict:
   # data.path, or WORKDIR/activations); "live": no store, the LM computes activations chunk by
   # chunk while training runs; "synthetic": known features in superposition
   c.data.source = "npy"
-  c.data.path = ""  # a .npy file or a directory of .npy shards (memory-mapped)
+  c.data.path = ""  # a .npy file or a directory of .npy shards, local (memory-mapped) or gs://…
+  # How batches are drawn: "rows" (random rows, for a local store), "blocks" (contiguous
+  # blocks into a per-process shuffle buffer, for a bucket: data.py), "auto" (blocks iff remote)
+  c.data.sampler = "auto"
+  c.data.block_rows = 4096  # blocks: rows per contiguous read (28 MiB at D=3584 in bfloat16)
+  c.data.buffer_blocks = 64  # blocks: blocks every batch mixes (must divide train.batch_size)
   c.data.live_chunk_contexts = 64  # live: contexts whose activations form one shuffle chunk
   c.data.live_chunk_steps = 16  # live: train steps drawn from each chunk
   c.data.d_in = 0  # activation width D; a store of another width is refused
@@ -60,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_contexts = 32  # held-out contexts for delta LM loss (0: no evaluation)
   c.eval.skip_contexts = 2000  # first held-out context in the packed text: past training's
+  # contexts per evaluation forward, per process (each process scores its share of the contexts;
+  # the logits [B, L, V] are float32)
+  c.eval.batch_contexts = 8
 
   c.sae = ml_collections.ConfigDict()
   c.sae.arch = "jumprelu"  # "jumprelu" | "relu" (L1) | "gated" | "topk" | "batchtopk" (baselines)

@@ -47,7 +47,7 @@ def member_config(c, hp: dict, store: str | None = None):
       m.sae[a] = type(c.sae[a])(hp[a])
       m.sweep[a] = ()
     if store is not None and m.data.source in ("npy", "harvest"):
-      m.data.path = os.path.abspath(store)
+      m.data.path = store if "://" in store else os.path.abspath(store)  # gs://… as it is
   return m
 
 

@@ -9,7 +9,7 @@ import re
 import tokenize
 
 from configs import base
-from jumprelu import arch, bandwidth, objectives, ops, sae, sweep
+from jumprelu import arch, bandwidth, data, objectives, ops, sae, storage, sweep
 
 DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
 STEP_IMPLS = ("dense", "sparse")
@@ -37,6 +37,17 @@ def check_config(c) -> None:
        "a .npy file or a directory of .npy shards when data.source='npy'")
   need(c.data.d_in > 0, "data.d_in", "the activation width D (> 0)")
   need(c.data.norm_rows > 0, "data.norm_rows", "> 0")
+  need(c.data.sampler in data.SAMPLERS, "data.sampler", f"one of {data.SAMPLERS}")
+  need(c.data.block_rows >= 1, "data.block_rows", ">= 1")
+  need(c.data.buffer_blocks >= 1, "data.buffer_blocks", ">= 1")
+  remote = c.data.source in ("npy", "harvest") and storage.is_remote(c.data.path)
+  need(c.data.sampler != "rows" or not remote, "data.sampler",
+       "'blocks' or 'auto' for a remote data.path (the rows sampler reads single rows)")
+  if c.data.source != "live" and (c.data.sampler == "blocks" or (c.data.sampler == "auto" and
+                                                                 remote)):
+    need(c.data.buffer_blocks >= 1 and c.train.batch_size % c.data.buffer_blocks == 0,
+         "data.buffer_blocks", f"a divisor of train.batch_size={c.train.batch_size} (the block "
+         "sampler draws batch_size / buffer_blocks rows of every batch from each block)")
   need(c.sae.arch in arch.ARCHS, "sae.arch", f"one of {arch.ARCHS}")
   need(c.sae.width > 0, "sae.width", "> 0")
   need(c.sae.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0")
@@ -139,6 +150,7 @@ def check_config(c) -> None:
   # An npy store's manifest may name its LM, which then evaluates the SAE (evaluate.skip_reason).
   need(c.eval.num_contexts >= 0, "eval.num_contexts", ">= 0 (0: no evaluation with the LM)")
   need(c.eval.skip_contexts >= 0, "eval.skip_contexts", ">= 0")
+  need(c.eval.batch_contexts >= 1, "eval.batch_contexts", ">= 1")
   reads_text = c.data.source in ("harvest", "live") or (
       c.data.source == "npy" and c.eval.num_contexts > 0)
   need(not reads_text or c.text.source != "hf" or importlib.util.find_spec("datasets")
