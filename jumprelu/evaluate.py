@@ -206,7 +206,7 @@ def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
                   for (rc, rdir), own in zip(runs, describe)]
   results = []
   for (rc, rdir), path, own, result in zip(runs, params_paths, describe, spliced.evaluate_many(
-      c, lm, saes, contexts, half_windows=half_windows)):
+      c, lm, saes, contexts, c.eval.batch_contexts, half_windows)):
     meta = {"site": rc.lm.site, "model": lm[3], "params": path,
             "member": os.path.basename(rdir) if os.path.basename(
                 os.path.dirname(os.path.abspath(rdir))) == "members" else "",

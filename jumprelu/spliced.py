@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jumprelu import arch as arch_lib
 from jumprelu import logs, sae
@@ -83,11 +85,23 @@ def evaluate_lm(c, lm, sae_params_raw: dict, contexts_NxL: np.ndarray, batch: in
   return evaluate_many(c, lm, [sae_params_raw], contexts_NxL, batch, [half_window])[0]
 
 
+def process_share(n: int, process: int | None = None, processes: int | None = None
+                  ) -> tuple[int, int]:
+  """The [lo, hi) of n evaluation contexts that this process scores: contiguous equal shares in
+  process order (the last ones may be shorter or empty)."""
+  process = jax.process_index() if process is None else process
+  processes = jax.process_count() if processes is None else processes
+  per = -(-n // processes)
+  return min(n, process * per), min(n, (process + 1) * per)
+
+
 def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: int = 8,
                   half_windows: list[float] | None = None) -> list[dict]:
   """evaluate_lm for several SAEs (export.raw_params exports, any architecture) at lm.site: the
   clean and zero-ablated runs are made once per batch and shared.
 
+  Every process runs the LM on its share of the contexts (process_share), `batch` contexts per
+  forward, and the sums are added across processes: every process returns the same results.
   half_windows[i] > 0 (raw units, ε·C/2 for a JumpReLU SAE trained with bandwidth ε on x / C)
   adds the fraction of pre-activations within it of θ: the STE's window."""
   lm_params, cfg = lm[0], lm[1]
@@ -95,22 +109,27 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
   half_windows = half_windows or [0.0] * len(saes_raw)
   saes = [arch_lib.split_raw(p) for p in saes_raw]
   saes = [(name, k, jax.tree.map(jnp.asarray, arrays)) for name, k, arrays in saes]
-  n = len(contexts_NxL)
-  pad = (-n) % batch  # padding contexts made of padding tokens count nowhere
-  tokens = np.concatenate([contexts_NxL, np.full((pad, contexts_NxL.shape[1]), cfg.pad_id,
-                                                 np.int32)]) if pad else contexts_NxL
+  lo, hi = process_share(len(contexts_NxL))
+  mine = contexts_NxL[lo:hi]
+  n = len(mine)
+  pad = (-n) % batch if n else batch  # padding contexts made of padding tokens count nowhere
+  tokens = np.concatenate([mine, np.full((pad, contexts_NxL.shape[1]), cfg.pad_id,
+                                         np.int32)]) if pad else mine
   totals = [None] * len(saes)
   bar = logs.progress(n, "evaluate", "ctx", every_s=10.0)
-  for lo in range(0, len(tokens), batch):
-    tokens_BxL = tokens[lo:lo + batch]
+  for start in range(0, len(tokens), batch):
+    tokens_BxL = _lm_batch(lm_params, tokens[start:start + batch])
     clean = _clean(lm_params, tokens_BxL, cfg=cfg, site=site, skip_positions=c.lm.skip_positions)
     for i, (name, k, params) in enumerate(saes):
       sums = jax.device_get(_sae_sums(lm_params, params, tokens_BxL, clean,
                                       jnp.float32(half_windows[i]), cfg=cfg, site=site,
                                       arch=name, k=k))
       totals[i] = sums if totals[i] is None else jax.tree.map(np.add, totals[i], sums)
-    bar.update(min(lo + batch, n) - bar.n)
+    bar.update(min(start + batch, n) - bar.n)
   bar.close()
+  if jax.process_count() > 1:  # [processes, ...] in process order, summed
+    totals = [jax.tree.map(lambda a: np.sum(a, axis=0), multihost_utils.process_allgather(t))
+              for t in totals]
   results = []
   for (name, k, params), t, hw in zip(saes, totals, half_windows):
     r = {"arch": name, **summarize(t)}
@@ -128,6 +147,16 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
 
 
 THRESHOLD_QUANTILES = (0, 5, 25, 50, 75, 95, 100)
+
+
+def _lm_batch(lm_params, tokens_BxL: np.ndarray):
+  """The tokens laid out as the LM's batch: split over "data" of the mesh its params are on (the
+  sharded LM, sharding.lm_mesh), else as they are."""
+  leaf = jax.tree.leaves(lm_params)[0]
+  mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+  if mesh is None or "data" not in mesh.axis_names or len(tokens_BxL) % mesh.shape["data"]:
+    return tokens_BxL
+  return jax.device_put(tokens_BxL, NamedSharding(mesh, P("data", None)))
 
 
 def summarize(t: dict) -> dict:
