@@ -1,24 +1,62 @@
-"""Activations from the LM harvested into a `.npy` store (shards + manifest); live.py streams them instead.
+"""Activations from the LM harvested into a `.npy` store by every process; live.py streams them.
 
-The store is a directory of shard_NNNNN.npy files [rows, W] and manifest.json, which lists the
-complete shards and where the next one starts (context index, kept rows of it already stored).
-Shards are written to a temporary name and renamed, then the manifest is rewritten atomically,
-so a killed harvest restarts from its last complete shard and yields the same store. BOS, EOS
-and padding positions are never stored.
+The store is a directory or a bucket prefix (gs://..., through storage.py): shard_KKKKK.npy
+files [rows, W] and manifest.json. BOS, EOS and padding positions (and lm.skip_positions) are
+never stored.
+
+Row order. The packed text is cut into chunks of C contexts (chunk_contexts: about
+harvest.shard_tokens kept rows, a multiple of lm.batch_contexts). Shard k holds every kept row of
+chunk k, context by context, position by position; the store is shards 0, 1, ... in order up to
+the first whose rows reach harvest.num_tokens, and that last shard is cut to reach it exactly
+(or the text runs out first: a warning). So the store holds the first harvest.num_tokens kept
+rows of the text, in text order, whatever the process count.
+
+Who harvests what. Chunk k goes through the LM on process k % P, in batches of
+lm.batch_contexts contexts aligned on the chunk, each process's LM on its own devices; there is
+no communication while harvesting, so one process dying cannot corrupt another's work. Every
+process tokenizes the text up to the store's end and counts each context's kept positions from
+its tokens alone, so each knows every shard's rows and where the store ends without asking. A
+store harvested by P processes is therefore the one-process store: the same shard files (byte
+for byte when every process's LM runs on the same local devices, i.e. the same compiled
+forward; else equal to the LM's numerical noise) and the same manifest.
+
+Commit protocol. A shard is written whole (atomic rename locally, one object put in a bucket),
+then recorded in its process's manifest.pNNNNN.json (rewritten whole after each shard). A kill
+at any point leaves recorded complete shards, at most one complete unrecorded shard per process
+(written again) and temporaries (removed). Rerunning the same command resumes: each process
+skips its chunks recorded with the expected rows whose file holds them, and harvests the rest
+(a missing, truncated or mis-sized shard is harvested again). When every process is done (a
+barrier in jax.distributed's coordination service), process 0 writes manifest.json (the shards
+in order with their rows, "tokens", where the next row would come from, "complete") and then
+removes the per-process parts and shards past the end; a second barrier lets every process
+return that manifest. A rerun on a complete store only checks its own shards (no text is read
+unless one must be harvested again). A store of another model, site, width, dtype, context,
+text or chunking is refused.
+
+Memory: a harvesting process holds one shard in the storage dtype (bucket writes: ~2 copies).
 """
 import hashlib
+import itertools
 import os
+import re
+import zlib
 
+import jax
 import ml_dtypes
 import numpy as np
 from absl import logging
 
-from jumprelu import data, files, logs
+from jumprelu import files, logs, storage
 from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # manifests without "format" come from the single-process store cut at shard_tokens
 STORE_DTYPES = ("float32", "bfloat16")
+_PART = re.compile(r"manifest\.p(\d+)\.json")
+_SHARD = re.compile(r"shard_(\d+)\.npy")
+_BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # the last process may still be harvesting its chunk
+_barriers = itertools.count()  # every process calls harvest() the same number of times
 
 
 # ----------------------------------------------------------------------------- the store
@@ -36,9 +74,39 @@ def store_spec(c, cfg, tokenizer, model_name: str) -> dict:
   }
 
 
-def _write_manifest(directory: str, manifest: dict) -> None:
-  """The store's commit record: a shard is part of the store once the manifest lists it."""
-  files.save_json(os.path.join(directory, MANIFEST), manifest)
+def chunk_contexts(c) -> int:
+  """Contexts per chunk (= per shard): about harvest.shard_tokens kept rows, and a multiple of
+  lm.batch_contexts so every LM forward sees the same batch whatever the process count."""
+  per_context = c.lm.context_len - 1 - c.lm.skip_positions  # kept rows of a full context
+  batches = max(1, round(c.harvest.shard_tokens / per_context / c.lm.batch_contexts))
+  return batches * c.lm.batch_contexts
+
+
+def shard_name(chunk: int) -> str:
+  return f"shard_{chunk:05d}.npy"
+
+
+def part_name(process: int) -> str:
+  return f"manifest.p{process:05d}.json"
+
+
+def size_report(c) -> str:
+  """The store's predicted size on disk (for --dry_run): rows × width × dtype, and its shards."""
+  itemsize = 2 if c.harvest.dtype == "bfloat16" else 4
+  per_chunk = chunk_contexts(c) * (c.lm.context_len - 1 - c.lm.skip_positions)
+  shards = -(-c.harvest.num_tokens // per_chunk)
+  total = c.harvest.num_tokens * c.data.d_in * itemsize
+  return (f"activation store: {c.harvest.num_tokens:,} rows × {c.data.d_in} × {c.harvest.dtype} "
+          f"= {_bytes(total)} on disk, in at least {shards:,} shards of {chunk_contexts(c):,} "
+          f"contexts (≤ {per_chunk:,} rows, ≤ {_bytes(per_chunk * c.data.d_in * itemsize)} "
+          "each: about the host memory one harvesting process needs)")
+
+
+def _bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
 
 
 def check_store(c, stored: dict, directory: str) -> None:
@@ -60,121 +128,247 @@ def check_spec(manifest: dict, spec: dict, directory: str) -> None:
                      + "; ".join(diffs) + "); point data.path at a new directory, or delete this one")
 
 
-def _drop_bad_shards(directory: str, manifest: dict) -> None:
-  """Rolls the manifest back to before the first missing, truncated or mis-sized shard, so the
-  harvest regenerates it and everything after it."""
-  for i, shard in enumerate(manifest["shards"]):
-    path = os.path.join(directory, shard["file"])
-    try:
-      rows = np.load(path, mmap_mode="r").shape[0]
-      problem = None if rows == shard["rows"] else (
-          f"holds {rows} rows, manifest.json says {shard['rows']}")
-    except (OSError, ValueError) as e:
-      problem = f"cannot be read ({e})"
-    if problem:
-      logging.warning("activation shard %s %s: harvesting again from it on", path, problem)
-      manifest["tokens"] = sum(s["rows"] for s in manifest["shards"][:i])
-      manifest["next_context"], manifest["skip_rows"] = shard["start"]
-      manifest["shards"] = manifest["shards"][:i]
-      manifest["complete"] = False
-      _write_manifest(directory, manifest)
-      return
+def _check_chunking(stored: dict, chunk: int, path: str) -> None:
+  if stored.get("chunk_contexts") != chunk:
+    raise ValueError(
+        f"activation store {path} is cut in chunks of {stored.get('chunk_contexts')} contexts, "
+        f"the config in chunks of {chunk} (from harvest.shard_tokens and lm.batch_contexts); "
+        "set those as the store was harvested, or point data.path at a new directory")
 
 
-def _save_shard(directory: str, index: int, rows_NxW: np.ndarray, dtype: str) -> str:
-  name = f"shard_{index:05d}.npy"
-  out = rows_NxW.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bfloat16" else rows_NxW
-  files.save_npy(os.path.join(directory, name), out)
-  return name
+def _records(directory: str, spec: dict, chunk: int) -> dict[int, set[int]]:
+  """{chunk: the row counts it was recorded with} from manifest.json and every process's part,
+  each checked to be a store of this spec and chunking."""
+  names = [n for n in storage.listdir(directory) if n == MANIFEST or _PART.fullmatch(n)]
+  records = {}
+  for name in names:
+    m = storage.read_json(storage.join(directory, name))
+    if m is None:  # removed since the listing (process 0 tidying up a finished store)
+      continue
+    check_spec(m, spec, storage.join(directory, name))
+    _check_chunking(m, chunk, storage.join(directory, name))
+    for s in m["shards"]:
+      records.setdefault(s["chunk"], set()).add(s["rows"])
+  return records
 
 
-def harvest(c, directory: str, lm=None) -> dict:
-  """Fills `directory` with harvest.num_tokens activations (resuming a partial store)."""
+def _shard_rows(path: str, width: int) -> tuple[int | None, str]:
+  """(rows the shard file holds, "") or (None, what is wrong with it)."""
+  try:
+    shape = storage.NpyFile(path).shape
+  except (OSError, ValueError, EOFError) as e:  # missing, truncated, empty or not an .npy file
+    return None, f"cannot be read ({e})"
+  if len(shape) != 2 or shape[1] != width:
+    return None, f"has shape {shape}, not [rows, {width}]"
+  return shape[0], ""
+
+
+def _owner(name: str, processes: int) -> int | None:
+  """The process whose writes make `name` (a store file or its temporary), or None."""
+  if name.startswith(MANIFEST):
+    return 0
+  m = re.match(_SHARD.pattern, name) or re.match(_PART.pattern, name)
+  if m is None:
+    return None
+  return int(m.group(1)) % processes if name.startswith("shard_") else int(m.group(1))
+
+
+def _barrier(directory: str, stage: str, processes: int) -> None:
+  """Waits until every process of the job reaches this point (nothing when there is one)."""
+  if processes == 1 or jax.process_count() == 1:
+    return
+  name = f"jumprelu_harvest_{zlib.crc32(directory.encode()):08x}_{stage}_{next(_barriers)}"
+  from jax._src import distributed  # the coordination service's client: no device collective
+  client = distributed.global_state.client
+  if client is None:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, _BARRIER_TIMEOUT_MS)
+
+
+# ----------------------------------------------------------------------------- the harvest
+
+def harvest(c, directory: str, lm=None, *, process: tuple[int, int] | None = None) -> dict | None:
+  """Fills `directory` (a path or bucket URL) with harvest.num_tokens activations, resuming a
+  partial store and repairing a damaged one; every process of the job calls it. Returns the
+  manifest. process: (index, count), default jax's; tests give it to play several processes in
+  one (then the barriers are skipped, and only index 0 writes and returns the manifest)."""
   if c.harvest.dtype not in STORE_DTYPES:
     raise ValueError(f"harvest.dtype must be one of {STORE_DTYPES}, got {c.harvest.dtype!r}")
+  p, procs = process or (jax.process_index(), jax.process_count())
   params, cfg, tokenizer, name = lm or lm_act.load_lm(c)
   spec = store_spec(c, cfg, tokenizer, name)
   if spec["width"] != c.data.d_in:
     raise ValueError(f"{c.lm.site} of {name} has width {spec['width']}, but data.d_in="
                      f"{c.data.d_in}; set --config.data.d_in={spec['width']}")
-  os.makedirs(directory, exist_ok=True)
-  manifest = data.read_manifest(directory)
-  if manifest is None:
-    manifest = {"spec": spec, "shards": [], "tokens": 0, "next_context": 0, "skip_rows": 0,
-                "complete": False}
-  check_spec(manifest, spec, directory)
-  for f in os.listdir(directory):  # leftovers of a killed write are never part of the store
-    if files.is_temporary(f):
-      os.remove(os.path.join(directory, f))
-  _drop_bad_shards(directory, manifest)
-  target = c.harvest.num_tokens
-  if manifest["complete"] or manifest["tokens"] >= target:
-    return manifest
+  chunk, target = chunk_contexts(c), c.harvest.num_tokens
+  storage.makedirs(directory)
+  final = storage.read_json(storage.join(directory, MANIFEST))
+  if final is not None:
+    check_spec(final, spec, directory)
+    if "format" not in final:  # a store written before harvesting was split over processes
+      if final["complete"] and final["tokens"] >= target:
+        return final
+      raise ValueError(f"activation store {directory} is a partial store of an earlier "
+                       "harvest.py, which cannot be resumed; delete it, or point data.path at a "
+                       "new directory")
+  records = _records(directory, spec, chunk)
+  for f in storage.listdir(directory):  # leftovers of this process's killed writes
+    if files.is_temporary(f) and _owner(f, procs) == p:
+      storage.remove(storage.join(directory, f))
 
-  site = model.parse_site(c.lm.site)
-  forward = lm_act.site_fn(cfg, site)
-  per_batch = c.lm.batch_contexts
-  # The store holds every kept row of contexts < next_context and the first skip_rows of
-  # next_context. Restart at a batch boundary so every forward sees the same batch of contexts
-  # as an uninterrupted harvest did (same shapes, same values), and drop what is stored.
-  cursor_ctx, cursor_skip = manifest["next_context"], manifest["skip_rows"]
-  first = cursor_ctx - cursor_ctx % per_batch
-  ctx_iter = lm_act.contexts(c, cfg, tokenizer)
-  for _ in range(first):
-    next(ctx_iter)
-  pending = []  # (context index, offset of rows[0] among its kept rows, rows [n, W])
-  index, exhausted = first, False
-  bar = logs.progress(target, "harvest", "tok", start=manifest["tokens"], every_s=10.0)
-  while manifest["tokens"] < target and not exhausted:
-    batch = [t for _, t in zip(range(per_batch), ctx_iter)]
-    exhausted = len(batch) < per_batch
-    if not batch:
-      break
-    for b, rows in enumerate(lm_act.context_rows(c, forward, params, cfg, batch)):
-      ctx = index + b
-      if ctx > cursor_ctx:
-        pending.append((ctx, 0, rows))
-      elif ctx == cursor_ctx:
-        pending.append((ctx, cursor_skip, rows[cursor_skip:]))
-    index += per_batch
-    _flush(directory, manifest, pending, target, c.harvest.shard_tokens, exhausted,
-           c.harvest.dtype)
-    seen = min(target, manifest["tokens"] + sum(len(rows) for _, _, rows in pending))
-    bar.update(seen - bar.n)
-  bar.close()
-  if manifest["tokens"] < target:
-    logging.warning("text.source %s ran out after %d tokens (harvest.num_tokens=%d)",
-                    c.text.source, manifest["tokens"], target)
-  manifest["complete"] = True
+  h = _Harvester(c, directory, spec, (params, cfg, tokenizer), records, p, procs)
+  if final is not None and final["complete"] and final["num_tokens"] == target and \
+      final.get("chunk_contexts") == chunk:
+    manifest = h.repair(final)  # the plan is known: only damaged shards are harvested again
+  else:
+    manifest = h.run(target)
+  _barrier(directory, "harvested", procs)
+  if p == 0:
+    _commit(directory, manifest, spec, chunk, procs)
+  _barrier(directory, "committed", procs)
+  return storage.read_json(storage.join(directory, MANIFEST))
+
+
+class _Harvester:
+  """One process's share of the harvest: its chunks through the LM, each committed."""
+
+  def __init__(self, c, directory, spec, lm, records, process, processes):
+    self.c, self.directory, self.spec, self.records = c, directory, spec, records
+    self.params, self.cfg, self.tokenizer = lm
+    self.p, self.procs = process, processes
+    self.chunk = chunk_contexts(c)
+    self.forward = lm_act.site_fn(self.cfg, model.parse_site(c.lm.site))
+    # This process's part: every record of its chunks, replaced as chunks are harvested again.
+    self.part = {k: sorted(rows) for k, rows in records.items() if k % processes == process}
+    self.harvested = 0
+
+  def _chunks(self):
+    """(k, chunk k's contexts [≤ C of them], each one's kept rows) until the text ends."""
+    stream = lm_act.contexts(self.c, self.cfg, self.tokenizer)
+    for k in itertools.count():
+      contexts = list(itertools.islice(stream, self.chunk))
+      if not contexts:
+        return
+      kept = lm_act.keep_mask(self.cfg, np.stack(contexts), self.c.lm.skip_positions).sum(1)
+      yield k, contexts, kept
+      if len(contexts) < self.chunk:
+        return
+
+  def _done(self, k: int, rows: int) -> bool:
+    """Whether chunk k is recorded with `rows` rows and its file holds them."""
+    if rows not in self.records.get(k, ()):
+      return False
+    path = storage.join(self.directory, shard_name(k))
+    held, problem = _shard_rows(path, self.spec["width"])
+    if held == rows:
+      return True
+    logging.warning("activation shard %s %s: harvesting it again", path,
+                    problem or f"holds {held} rows, its record says {rows}")
+    return False
+
+  def run(self, target: int) -> dict:
+    """Harvests this process's missing chunks; returns the store's manifest (all processes')."""
+    shards, tokens, cursor, exhausted = [], 0, None, True
+    bar = logs.progress(target, "harvest", "tok", every_s=10.0)
+    for k, contexts, kept in self._chunks():
+      rows = int(min(kept.sum(), target - tokens))
+      if rows > 0:  # a chunk with no kept position (only padding) is no shard
+        shards.append({"file": shard_name(k), "rows": rows, "chunk": k,
+                       "contexts": [k * self.chunk, k * self.chunk + len(contexts)]})
+        if k % self.procs == self.p and not self._done(k, rows):
+          self._harvest_chunk(k, contexts, rows)
+      before, tokens = tokens, tokens + rows
+      bar.update(tokens - bar.n)
+      if tokens >= target:  # where the next row would come from: as evaluation's held-out
+        ends = np.cumsum(kept)  # contexts must start past what training read
+        j = int(np.searchsorted(ends, target - before))
+        cursor = (k * self.chunk + j + 1, 0) if ends[j] == target - before else (
+            k * self.chunk + j, int(target - before - (ends[j - 1] if j else 0)))
+        exhausted = False
+        break
+      cursor = (k * self.chunk + len(contexts), 0)
+    bar.close()
+    logging.info("harvest process %d/%d: %d of its shards harvested now, %d found complete",
+                 self.p, self.procs, self.harvested,
+                 sum(1 for s in shards if s["chunk"] % self.procs == self.p) - self.harvested)
+    if exhausted:
+      logging.warning("text.source %s ran out after %d tokens (harvest.num_tokens=%d)",
+                      self.c.text.source, tokens, target)
+    cursor = cursor or (0, 0)
+    return {"format": FORMAT, "spec": self.spec, "chunk_contexts": self.chunk,
+            "num_tokens": target, "shards": shards, "tokens": tokens,
+            "next_context": cursor[0], "skip_rows": cursor[1], "complete": True}
+
+  def repair(self, final: dict) -> dict:
+    """Harvests again this process's damaged shards of a complete store."""
+    wanted = {s["chunk"]: s["rows"] for s in final["shards"]}
+    bad = [k for k, rows in sorted(wanted.items()) if k % self.procs == self.p and
+           not self._done(k, rows)]
+    for k, contexts, _ in self._chunks() if bad else ():
+      if k in bad:
+        self._harvest_chunk(k, contexts, wanted[k])
+      if k == bad[-1]:
+        break
+    return final
+
+  def _harvest_chunk(self, k: int, contexts: list, rows: int) -> None:
+    """The first `rows` kept rows of chunk k through the LM, written as shard k and recorded."""
+    c, width = self.c, self.spec["width"]
+    bf16 = c.harvest.dtype == "bfloat16"
+    out = np.empty((rows, width), np.uint16 if bf16 else np.float32)
+    filled, batch = 0, c.lm.batch_contexts
+    for b in range(0, len(contexts), batch):
+      if filled == rows:  # the store's last shard: the LM stops once its rows are in
+        break
+      for acts in lm_act.context_rows(c, self.forward, self.params, self.cfg,
+                                      contexts[b:b + batch]):
+        take = min(len(acts), rows - filled)
+        out[filled:filled + take] = (acts[:take].astype(ml_dtypes.bfloat16).view(np.uint16)
+                                     if bf16 else acts[:take])
+        filled += take
+    if filled != rows:
+      raise RuntimeError(f"chunk {k} gave {filled} rows, its tokens' mask {rows}")
+    _save_shard(self.directory, shard_name(k), out)
+    self.part[k] = [rows]
+    _write_part(self.directory, self.p, {
+        "format": FORMAT, "spec": self.spec, "chunk_contexts": self.chunk, "process": self.p,
+        "num_processes": self.procs,
+        "shards": [{"chunk": j, "file": shard_name(j), "rows": r}
+                   for j in sorted(self.part) for r in self.part[j]]})
+    self.harvested += 1
+
+
+def _save_shard(directory: str, name: str, rows_NxW: np.ndarray) -> None:
+  """The whole shard at once (atomically): complete, or not there at all."""
+  storage.write_npy(storage.join(directory, name), rows_NxW)
+
+
+def _write_part(directory: str, process: int, part: dict) -> None:
+  """A process's commit record: its shard is part of the store once its part lists it."""
+  storage.write_json(storage.join(directory, part_name(process)), part)
+
+
+def _write_manifest(directory: str, manifest: dict) -> None:
+  """The store's commit record, written by process 0 once every process's shards are in."""
+  storage.write_json(storage.join(directory, MANIFEST), manifest)
+
+
+def _commit(directory: str, manifest: dict, spec: dict, chunk: int, processes: int) -> None:
+  """Checks every shard of the store is recorded, writes manifest.json, then tidies up: the
+  per-process parts, shards past the end and temporaries go (nobody is writing any more)."""
+  records = _records(directory, spec, chunk)
+  for s in manifest["shards"]:
+    if s["rows"] not in records.get(s["chunk"], ()):
+      raise ValueError(
+          f"activation shard {storage.join(directory, s['file'])} is not recorded as complete: "
+          f"process {s['chunk'] % processes} of {processes} stopped before harvesting it; rerun "
+          "the same command (every process) to finish the store")
   _write_manifest(directory, manifest)
+  keep = {s["file"] for s in manifest["shards"]} | {MANIFEST}
+  for f in storage.listdir(directory):
+    if _owner(f, processes) is not None and f not in keep:
+      storage.remove(storage.join(directory, f))
   logging.info("activation store %s: %d tokens in %d shards", directory, manifest["tokens"],
                len(manifest["shards"]))
-  return manifest
-
-
-def _flush(directory, manifest, pending, target, shard_rows, final, dtype) -> None:
-  """Writes each full shard from `pending` (and what is left if `final` or at the target)."""
-  while pending:
-    available = sum(len(rows) for _, _, rows in pending)
-    want = min(shard_rows, target - manifest["tokens"])
-    if want <= 0 or (available < want and not final):
-      return
-    want = min(want, available)
-    parts, taken = [], 0
-    while taken < want:
-      ctx, offset, rows = pending[0]
-      take = min(want - taken, len(rows))
-      parts.append(rows[:take])
-      taken += take
-      if take == len(rows):
-        pending.pop(0)
-        next_ctx, next_skip = ctx + 1, 0
-      else:
-        pending[0] = (ctx, offset + take, rows[take:])
-        next_ctx, next_skip = ctx, offset + take
-    start = [manifest["next_context"], manifest["skip_rows"]]
-    name = _save_shard(directory, len(manifest["shards"]), np.concatenate(parts), dtype)
-    manifest["shards"].append({"file": name, "rows": want, "start": start})
-    manifest["tokens"] += want
-    manifest["next_context"], manifest["skip_rows"] = next_ctx, next_skip
-    _write_manifest(directory, manifest)
