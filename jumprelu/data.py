@@ -284,12 +284,12 @@ class ActivationSource:
   def stream_rows(self, pos: np.ndarray) -> np.ndarray:
     """The global rows at positions `pos` of the block sampler's row stream."""
     k, full = self.block_rows, self.n // self.block_rows
-    epoch, within = np.divmod(np.asarray(pos, np.int64), self.n)
+    epoch, within = np.divmod(np.atleast_1d(np.asarray(pos, np.int64)), self.n)
     block, offset = np.divmod(within, k)
     out = within.copy()  # the short block keeps its place at the end of every epoch
     inside = block < full
     out[inside] = permute(block[inside], full, self._block_seed, epoch[inside]) * k + offset[inside]
-    return out
+    return out.reshape(np.shape(pos))
 
   def _read_piece(self, g: int) -> np.ndarray:
     """Piece g: stream positions [gK, gK + K), one ranged read per contiguous run of rows."""
