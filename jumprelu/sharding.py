@@ -186,26 +186,35 @@ def lm_mesh(c, devices=None, lm_cfg=None) -> Mesh:
   this process), "data" = the rest. `devices` defaults to this process's local devices (each
   process its own LM copy, as harvest needs); pass jax.devices() for one mesh spanning every
   process. Each "model" group lies within one process (devices are ordered by process), so the
-  per-layer all-reduces never cross hosts. With `lm_cfg` the model size is also checked against
-  the LM's heads."""
-  devices = jax.local_devices() if devices is None else list(devices)
+  per-layer all-reduces never cross hosts. With `lm_cfg` (an LMConfig) the model size is also
+  checked against the LM's attention heads."""
+  return lm_mesh_of(c.lm.model_parallel, jax.local_devices() if devices is None else devices,
+                    lm_cfg)
+
+
+def lm_mesh_of(model_parallel: int, devices, lm_cfg=None) -> Mesh:
+  """lm_mesh from the value of lm.model_parallel and the devices."""
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   per_process = {}
   for d in devices:
     per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
   local = min(per_process.values())
-  model = c.lm.model_parallel
-  model = local if model == -1 else model
-  valid = [m for m in range(1, local + 1) if local % m == 0 and all(
-      n % m == 0 for n in per_process.values())]
-  if lm_cfg is not None:
-    valid = [m for m in valid if lm_cfg.n_heads % m == 0]
+  model = local if model_parallel == -1 else model_parallel
+  valid = [m for m in range(1, local + 1)
+           if all(n % m == 0 for n in per_process.values())
+           and (lm_cfg is None or lm_cfg.n_heads % m == 0)]
   if model not in valid:
-    why = f"{local} devices per process" + (
-        f" and {lm_cfg.n_heads} attention heads" if lm_cfg is not None else "")
-    raise ValueError(f"lm.model_parallel={c.lm.model_parallel} does not divide the {why}; "
-                     f"choose one of {valid} (or -1: every device of a process)")
+    why = f"the {local} devices of a process" + (
+        f" and the LM's {lm_cfg.n_heads} attention heads" if lm_cfg is not None else "")
+    raise ValueError(f"lm.model_parallel={model_parallel} (model size {model}) must divide {why}; "
+                     f"choose one of {valid}")
   return Mesh(np.asarray(devices).reshape(len(devices) // model, model), ("data", "model"))
+
+
+def local_data_size(mesh: Mesh) -> int:
+  """How many rows of the "data" axis hold a device of this process."""
+  rows = np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices)
+  return int(rows.any(axis=1).sum())
 
 
 def lm_batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -9,21 +9,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jumprelu.lm import load, model, text
+from jumprelu import sharding
+from jumprelu.lm import load, model, shard, text
 
 
-def load_lm(c):
-  """(params, cfg, tokenizer, model name) for config key lm.model_path ("" = SmolLM2-135M)."""
-  return _load_lm(c.lm.model_path or load.default_model_path(), c.lm.dtype, c.lm.bos_id,
-                  c.lm.eos_id)
+def load_lm(c, devices=None):
+  """(params, cfg, tokenizer, model name) for config key lm.model_path ("" = SmolLM2-135M).
+
+  The params are stored in lm.param_dtype on sharding.lm_mesh(c) over `devices` (default: this
+  process's local devices, so each process holds its own copy and harvests with no
+  cross-process traffic; jax.devices() gives one mesh spanning every process). mesh_of(params)
+  recovers the mesh. Loaded once per (config, devices): harvest, live training and evaluation
+  in one job share it."""
+  devices = tuple(jax.local_devices() if devices is None else devices)
+  return _load_lm(c.lm.model_path or load.default_model_path(), c.lm.dtype, c.lm.param_dtype,
+                  c.lm.model_parallel, c.lm.bos_id, c.lm.eos_id, devices)
 
 
-@functools.cache  # harvest, live training and evaluation in one job share one load
-def _load_lm(path: str, dtype: str, bos_id: int, eos_id: int):
-  params, cfg, tokenizer = load.load(path)
+@functools.cache
+def _load_lm(path: str, dtype: str, param_dtype: str, model_parallel: int, bos_id: int,
+             eos_id: int, devices: tuple):
+  if os.path.isdir(path):  # read slice by slice straight onto the mesh
+    mesh = sharding.lm_mesh_of(model_parallel, devices, load.hf_config(path))
+    params, cfg, _ = shard.load_sharded(path, mesh, param_dtype)
+    tokenizer = load.hf_tokenizer(path)
+  else:  # GGUF: read whole on this host, then placed
+    params, cfg, tokenizer = load.load(path, jnp.dtype(param_dtype))
+    mesh = sharding.lm_mesh_of(model_parallel, devices, cfg)
+    params = shard.put_on_mesh(params, cfg, mesh, param_dtype)
   cfg = dataclasses.replace(cfg, dtype=dtype, bos_id=cfg.bos_id if bos_id < 0 else bos_id,
                             eos_id=cfg.eos_id if eos_id < 0 else eos_id)
   return params, cfg, tokenizer, os.path.basename(os.path.normpath(path))
+
+
+def mesh_of(params):
+  """The ("data", "model") mesh load_lm placed `params` on; None for params on one device
+  (e.g. tests' tiny LMs), which site_fn then runs unsharded."""
+  s = getattr(params["embed_VxD"], "sharding", None)
+  return s.mesh if isinstance(s, jax.sharding.NamedSharding) else None
 
 
 @functools.cache
@@ -67,9 +90,45 @@ def context_rows(c, forward, params, cfg, batch: list) -> list[np.ndarray]:
 
 @functools.cache
 def site_fn(cfg, site):
-  """Jitted tokens [B, L] -> activation [B, L, W] at `site`, stopping after its layer."""
+  """(params, tokens [B, L]) -> float32 activation [B, L, W] at `site`, jitted, stopping after
+  its layer. tokens: host numpy or a jax array. On params from load_lm the batch is split over
+  the mesh's "data" axis (B must be a multiple of its size) and the result stays there, sharded
+  (np.asarray gathers it); on a mesh spanning processes, numpy tokens are this process's rows of
+  the global batch."""
   fwd = functools.partial(model.forward, cfg=cfg, site=site, stop_at_site=True)
-  return jax.jit(lambda params, tokens: fwd(params, tokens_BxL=tokens)[1].astype(jnp.float32))
+  plain = jax.jit(lambda params, tokens: fwd(params, tokens_BxL=tokens)[1].astype(jnp.float32))
+
+  def run(params, tokens_BxL):
+    mesh = mesh_of(params)
+    if mesh is None:
+      return plain(params, tokens_BxL)
+    return _site_on_mesh(cfg, site, mesh)(params, tokens_on_mesh(mesh, tokens_BxL))
+
+  return run
+
+
+@functools.cache
+def _site_on_mesh(cfg, site, mesh):
+  fwd = functools.partial(model.forward, cfg=cfg, site=site, stop_at_site=True)
+  return jax.jit(lambda params, tokens: fwd(params, tokens_BxL=tokens)[1].astype(jnp.float32),
+                 in_shardings=(sharding.lm_shardings(cfg, mesh), sharding.lm_batch_sharding(mesh)),
+                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+
+def tokens_on_mesh(mesh, tokens_BxL):
+  """Tokens [B, L] split over the LM mesh's "data" axis (a jax array already there passes
+  through); refuses a B that does not split, before any compute."""
+  batch = sharding.lm_batch_sharding(mesh)
+  if isinstance(tokens_BxL, jax.Array) and tokens_BxL.sharding == batch:
+    return tokens_BxL
+  tokens_BxL = np.asarray(tokens_BxL)
+  local = sharding.local_data_size(mesh)
+  if tokens_BxL.shape[0] % local:
+    raise ValueError(
+        f"{tokens_BxL.shape[0]} contexts per LM forward do not split over the LM mesh's "
+        f"{local} data devices in this process (mesh {dict(mesh.shape)}); set "
+        f"lm.batch_contexts to a multiple of {local}, or raise lm.model_parallel")
+  return jax.make_array_from_process_local_data(batch, tokens_BxL)
 
 
 def model_name(c) -> str:
