@@ -164,11 +164,11 @@ class ActivationSource:
       return self.rows(where)
     piece, row = where
     pieces = self._fetch(np.unique(piece), ahead=refill)
-    out = np.empty((len(piece), self.d), np.float32)
+    out = np.empty((len(piece), self.d), self._piece_dtype)  # gathered first, converted once
     for g, rows_KxD in pieces.items():
-      at = piece == g
+      at = np.flatnonzero(piece == g)
       out[at] = rows_KxD[row[at]]
-    return out
+    return out.astype(np.float32, copy=False)
 
   def where(self, g: int) -> str:
     """'SHARD at row R' for global row index g."""
