@@ -118,7 +118,7 @@ class ActivationSource:
     return out
 
   def read_range(self, lo: int, hi: int) -> np.ndarray:
-    """Global rows [lo, hi) in one sequential read per shard they span."""
+    """Global rows [lo, hi), one ranged read per shard they span (remote)."""
     parts = []
     s = int(np.searchsorted(self.offsets, lo, side="right") - 1)
     while lo < hi:
@@ -126,8 +126,10 @@ class ActivationSource:
         s += 1
       end = min(hi, int(self.offsets[s + 1]))
       a, base = self.arrays[s], int(self.offsets[s])
+      # Local: a view of the memory-map (or array), read when gathered: the page cache is the
+      # buffer, and a block costs no extra copy.
       part = (a.rows(lo - base, end - base) if isinstance(a, storage.NpyFile)
-              else np.array(a[lo - base:end - base]))  # a copy: the read happens here
+              else a[lo - base:end - base])
       parts.append(part.astype(self._piece_dtype, copy=False))
       lo, s = end, s + 1
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
