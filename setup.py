@@ -13,6 +13,7 @@ setup(
         "gguf", "tokenizers",  # the LM: GGUF dequantisation and the tokenizer, no torch
         "matplotlib",  # scripts/plots.py, which the README's commands run
         "tensorboardX>=2.6", "tqdm",  # TensorBoard event files and progress bars (logs.py)
+        "fsspec",  # local and bucket paths for the store (storage.py); memory:// in the tests
     ],
     extras_require={
         # pytest-xdist runs the suite on both cores (.ci/run); tensorboard reads our event files
@@ -23,6 +24,7 @@ setup(
                  "torch==2.13.0", "transformers", "accelerate", "datasets"],
         "notebook": ["ipykernel"],
         "wandb": ["wandb"],  # log.wandb_project; TensorBoard event files need no extra
+        "gcs": ["gcsfs"],  # a store in a gs:// bucket (data.path, harvest into gs://…)
         # scripts/bench.py: the PyTorch floor and the SAELens peer (torch pinned as for "test")
         "bench": ["torch==2.13.0", "sae-lens>=6.54"],
     },
