@@ -8,6 +8,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jumprelu.lm import model as lm_model
+
 # Param name -> spec. Shapes: W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D], θ [F].
 PARAM_SPECS = {
     "W_enc": P(None, "model"),  # [D, F]: columns (features) split across "model"
@@ -145,8 +147,6 @@ LM_BATCH_SPEC = P("data", None)  # tokens [B, L]: contexts split across "data"
 def lm_param_specs(cfg, model_size: int) -> dict:
   """PartitionSpecs mirroring the LM params dict (model.param_shapes) for a "model" axis of
   `model_size` devices. Axes that do not divide evenly are replicated (see the comments)."""
-  from jumprelu.lm import model as lm_model  # sharding.py is imported by the SAE-only paths
-
   def split(size, spec):
     return spec if size % model_size == 0 else P()
 

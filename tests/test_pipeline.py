@@ -21,7 +21,7 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
   args = [sys.executable, os.path.join(REPO, "experiments", "train.py"),
           "--config=" + os.path.join(REPO, "configs", "smollm2_135m.py"),
           f"--workdir={tmp_path}", "--config.harvest.num_tokens=1500",
-          "--config.harvest.shard_tokens=1000", "--config.lm.batch_contexts=4",
+          "--config.harvest.shard_tokens=1000", "--config.lm.batch_contexts=8",
           "--config.data.norm_rows=1000", "--config.sae.width=256",
           "--config.train.batch_size=128", "--config.train.num_steps=20",
           "--config.train.log_every=10", "--config.train.checkpoint_every=20",

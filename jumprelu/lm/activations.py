@@ -22,6 +22,9 @@ def load_lm(c, devices=None):
   recovers the mesh. Loaded once per (config, devices): harvest, live training and evaluation
   in one job share it."""
   devices = tuple(jax.local_devices() if devices is None else devices)
+  # Harvest and live training forward lm.batch_contexts contexts at a time: refuse a batch that
+  # cannot split over "data" before the weights are read (site_fn checks every batch again).
+  _check_batch(c.lm.batch_contexts, sharding.lm_mesh_of(c.lm.model_parallel, devices))
   return _load_lm(c.lm.model_path or load.default_model_path(), c.lm.dtype, c.lm.param_dtype,
                   c.lm.model_parallel, c.lm.bos_id, c.lm.eos_id, devices)
 
@@ -93,8 +96,9 @@ def site_fn(cfg, site):
   """(params, tokens [B, L]) -> float32 activation [B, L, W] at `site`, jitted, stopping after
   its layer. tokens: host numpy or a jax array. On params from load_lm the batch is split over
   the mesh's "data" axis (B must be a multiple of its size) and the result stays there, sharded
-  (np.asarray gathers it); on a mesh spanning processes, numpy tokens are this process's rows of
-  the global batch."""
+  (np.asarray gathers it). On a mesh spanning processes (load_lm(c, jax.devices())), numpy
+  tokens are this process's rows of the global batch and the result is a global array, to be
+  consumed on the devices (live training)."""
   fwd = functools.partial(model.forward, cfg=cfg, site=site, stop_at_site=True)
   plain = jax.jit(lambda params, tokens: fwd(params, tokens_BxL=tokens)[1].astype(jnp.float32))
 
@@ -122,13 +126,18 @@ def tokens_on_mesh(mesh, tokens_BxL):
   if isinstance(tokens_BxL, jax.Array) and tokens_BxL.sharding == batch:
     return tokens_BxL
   tokens_BxL = np.asarray(tokens_BxL)
-  local = sharding.local_data_size(mesh)
-  if tokens_BxL.shape[0] % local:
-    raise ValueError(
-        f"{tokens_BxL.shape[0]} contexts per LM forward do not split over the LM mesh's "
-        f"{local} data devices in this process (mesh {dict(mesh.shape)}); set "
-        f"lm.batch_contexts to a multiple of {local}, or raise lm.model_parallel")
+  _check_batch(tokens_BxL.shape[0], mesh)
   return jax.make_array_from_process_local_data(batch, tokens_BxL)
+
+
+def _check_batch(n_contexts: int, mesh):
+  local = sharding.local_data_size(mesh)
+  if n_contexts % local:
+    raise ValueError(
+        f"{n_contexts} contexts per LM forward do not split over the LM mesh's {local} "
+        f"\"data\" devices in this process (mesh {dict(mesh.shape)}, lm.model_parallel="
+        f"{mesh.shape['model']}); set lm.batch_contexts to a multiple of {local}, or raise "
+        "lm.model_parallel so fewer devices share the batch")
 
 
 def model_name(c) -> str:

@@ -43,8 +43,13 @@ def test_sharded_logits_and_site_match_one_device(checkpoint, model_size):
   forward = jax.jit(
       lambda p, t: model.forward(p, cfg, t, site=SITE),
       in_shardings=(sharding.lm_shardings(cfg, mesh), sharding.lm_batch_sharding(mesh)))
-  logits, act = forward(params, lm_act.tokens_on_mesh(mesh, tokens_BxL))
+  tokens_BxL = lm_act.tokens_on_mesh(mesh, tokens_BxL)
+  compiled = forward.lower(params, tokens_BxL).compile()
+  logits, act = compiled(params, tokens_BxL)
   assert act.sharding.spec[0] == "data"  # the batch stayed split: no device ran all of it
+  # Megatron layout: devices exchange only activations (all-reduces of [B/data, L, D]), never
+  # gather a weight.
+  assert "all-gather" not in compiled.as_text()
   assert_close(np.asarray(logits), want_logits)
   assert_close(np.asarray(act), want_act)
 
