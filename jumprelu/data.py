@@ -269,10 +269,10 @@ class ActivationSource:
   # for the rows sampler), and the K / c batches of a window draw from the same M pieces. Raise
   # M (memory) or lower K (smaller reads) to mix more.
   # Per process: rows [lo, hi) of every batch lie in lanes lo // c … (hi − 1) // c, so a process
-  # reads only those lanes' pieces, each once (buffered ahead on a thread pool; it holds ~2 per
-  # lane, each K·D values in the store's dtype), and the batch is the same for any process
-  # count. A non-finite row's stand-in is another row of its piece; mean_sq_norm reads pieces
-  # 0, 1, … (whole blocks chosen by the seed).
+  # reads only those lanes' pieces, each once (read ahead on a thread pool; it holds ~2 pieces
+  # per lane: remote, K·D values in the store's dtype; local, views of the memory-map), and the
+  # batch is the same for any process count. A non-finite row's stand-in is another row of its
+  # piece; mean_sq_norm reads pieces 0, 1, … (whole blocks chosen by the seed).
 
   def lane_rows(self, batch_size: int) -> int:
     """c: the rows of every batch drawn from each of the M pieces of a window."""

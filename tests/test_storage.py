@@ -51,7 +51,8 @@ def test_remote_npy_file_reads_row_ranges(tmp_path, bucket):
   for name, a in (("f32.npy", x), ("bf16.npy", x.astype(ml_dtypes.bfloat16).view(np.uint16))):
     np.save(tmp_path / name, a)
     storage.write_npy(storage.join(bucket, name), a)
-    remote, local = storage.NpyFile(storage.join(bucket, name)), storage.NpyFile(str(tmp_path / name))
+    remote = storage.NpyFile(storage.join(bucket, name))
+    local = storage.NpyFile(str(tmp_path / name))
     assert remote.shape == local.shape == (40, D) and remote.dtype == local.dtype == a.dtype
     np.testing.assert_array_equal(remote.rows(7, 31), a[7:31])
     np.testing.assert_array_equal(local.rows(7, 31), a[7:31])
