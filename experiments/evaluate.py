@@ -28,6 +28,7 @@ _DOWNSTREAM = flags.DEFINE_list(
     "downstream", [], f"Also run these downstream evaluations into eval.json: any of "
     f"{','.join(downstream.TASKS)} (SAEBench's definitions; jumprelu/downstream.py; ~3.5 min per "
     "SAE of the default job on 2 CPU cores).")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -40,6 +41,7 @@ def main(argv):
   unknown = sorted(set(_DOWNSTREAM.value) - set(downstream.TASKS))
   if unknown:  # before any compute
     raise app.UsageError(f"--downstream takes {','.join(downstream.TASKS)}; got {unknown}")
+  cli.init_distributed()
   if _PARAMS.value is None:
     evaluate.evaluate_workdir(c, _WORKDIR.value)
     runs = evaluate.runs_of(c, _WORKDIR.value)

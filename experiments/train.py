@@ -10,12 +10,11 @@ import sys
 # Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import base
-from jumprelu import cli, memory, run, validate
+from jumprelu import cli, harvest, memory, run, validate
 from jumprelu import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -25,14 +24,9 @@ _SHOW_CONFIG = flags.DEFINE_bool("show_config", False,
                                  "Print the resolved config, each key with its comment, and exit.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Build the LM (from lm.model_path's config.json) and the SAE train step "
-    "abstractly, print parameters and per-device memory, and exit: no weights are read.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", os.environ.get("JUMPRELU_DISTRIBUTED") == "1",
-    "Multi-host: call jax.distributed.initialize(). On TPU pods and SLURM the cluster supplies "
-    "the details; elsewhere give the three flags below (also JUMPRELU_DISTRIBUTED=1).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+    "abstractly, print parameters and per-device memory (and a harvest's store size on disk), "
+    "and exit: no weights are read.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config"])
 
 
@@ -43,16 +37,13 @@ def main(argv):
     return
   if _DRY_RUN.value:
     print(memory.dry_run(_CONFIG.value))
+    if _CONFIG.value.data.source == "harvest":
+      print(harvest.size_report(_CONFIG.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the run directory (checkpoints, metrics, "
                          "export)")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  logging.info("JAX %s: process %d/%d, %d local devices of %d: %s", jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  cli.init_distributed()
   try:
     summary = run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except workdir_lib.Preempted as e:  # a checkpoint is saved; schedulers may requeue on this

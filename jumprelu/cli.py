@@ -16,8 +16,9 @@ import re
 import sys
 import traceback
 
+import jax
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import base
@@ -169,6 +170,36 @@ def define_config_flag(argv: list[str], flag_values=None):
   return config_flags.DEFINE_config_dict(
       "config", saved, "The run's DIR/config.json; override keys with --config.KEY=VALUE.",
       flag_values=flag_values, lock_config=True, sys_argv=argv)
+
+
+def define_distributed_flags(flag_values=None) -> None:
+  """The multi-host flags train.py, harvest.py and evaluate.py share (read by init_distributed)."""
+  fv = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_bool(
+      "distributed", os.environ.get("JUMPRELU_DISTRIBUTED") == "1",
+      "Multi-host: call jax.distributed.initialize(). On TPU pods and SLURM the cluster supplies "
+      "the details; elsewhere give the three flags below (also JUMPRELU_DISTRIBUTED=1).",
+      flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Processes in the job.", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
+
+
+def init_distributed(flag_values=None) -> None:
+  """jax.distributed.initialize() for --distributed (before any other JAX call), then logs
+  where this process stands in the job."""
+  fv = flags.FLAGS if flag_values is None else flag_values
+  given = [f"--{k}" for k in ("coordinator_address", "num_processes", "process_id")
+           if fv[k].value is not None]
+  if given and not fv.distributed:
+    raise app.UsageError(f"{', '.join(given)} given without --distributed: add --distributed "
+                         "(or JUMPRELU_DISTRIBUTED=1) for a multi-host job, or drop them")
+  if fv.distributed:
+    jax.distributed.initialize(coordinator_address=fv.coordinator_address,
+                               num_processes=fv.num_processes, process_id=fv.process_id)
+  logging.info("JAX %s: process %d/%d, %d local devices of %d: %s", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
 
 
 def parse_flags(argv, flag_values=flags.FLAGS):

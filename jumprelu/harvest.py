@@ -27,7 +27,8 @@ at any point leaves recorded complete shards, at most one complete unrecorded sh
 skips its chunks recorded with the expected rows whose file holds them, and harvests the rest
 (a missing, truncated or mis-sized shard is harvested again). When every process is done (a
 barrier in jax.distributed's coordination service), process 0 writes manifest.json (the shards
-in order with their rows, "tokens", where the next row would come from, "complete") and then
+in order with their rows, "tokens", where the next row would come from, "complete"; until then
+it lists no shards, so a partial store cannot be trained on) and then
 removes the per-process parts and shards past the end; a second barrier lets every process
 return that manifest. A rerun on a complete store only checks its own shards (no text is read
 unless one must be harvested again). A store of another model, site, width, dtype, context,
@@ -125,7 +126,8 @@ def check_spec(manifest: dict, spec: dict, directory: str) -> None:
            for k, v in spec.items() if manifest["spec"].get(k) != v]
   if diffs:
     raise ValueError(f"activation store {directory} does not match the config ("
-                     + "; ".join(diffs) + "); point data.path at a new directory, or delete this one")
+                     + "; ".join(diffs) + "); point data.path at a new directory, or delete "
+                     "this one")
 
 
 def _check_chunking(stored: dict, chunk: int, path: str) -> None:
@@ -218,6 +220,10 @@ def harvest(c, directory: str, lm=None, *, process: tuple[int, int] | None = Non
     if files.is_temporary(f) and _owner(f, procs) == p:
       storage.remove(storage.join(directory, f))
 
+  if final is None and p == 0:  # so a partial store is never read as a plain folder of shards
+    _write_manifest(directory, {
+        "format": FORMAT, "spec": spec, "chunk_contexts": chunk, "num_tokens": target,
+        "shards": [], "tokens": 0, "next_context": 0, "skip_rows": 0, "complete": False})
   h = _Harvester(c, directory, spec, (params, cfg, tokenizer), records, p, procs)
   if final is not None and final["complete"] and final["num_tokens"] == target and \
       final.get("chunk_contexts") == chunk:
