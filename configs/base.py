@@ -56,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.harvest = ml_collections.ConfigDict()
   c.harvest.num_tokens = 100_000  # activations to store (BOS/EOS/padding never stored)
-  c.harvest.shard_tokens = 16384  # rows per .npy shard
+  # About this many rows per .npy shard: a shard holds every kept row of a chunk of contexts
+  # (this over a full context's kept rows, rounded to whole lm.batch_contexts; harvest.py),
+  # whatever the process count; a harvesting process holds one shard in memory.
+  c.harvest.shard_tokens = 16384
   c.harvest.dtype = "float32"  # storage dtype: float32 | bfloat16
 
   # Evaluation with the SAE spliced into the LM (harvest, live, or an npy store whose manifest
@@ -134,7 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A feature that has not fired for this many tokens is dead (and feeds TopK's AuxK loss)
   c.train.dead_window_tokens = 10_000_000
   c.train.overwrite = False  # delete a run of another config found in --workdir (else refuse)
-  c.train.step_impl = "dense"  # "dense" | "sparse" (sparse.py): same gradients, faster at low L0
+  # "dense" | "sparse" (sparse.py): same gradients, faster at low L0 on CPU | "auto": sparse on CPU,
+  # dense elsewhere (the sparse step does not compile on TPU in time; aot.choose_step_impl)
+  c.train.step_impl = "dense"
   c.train.sparse_capacity = 0.02  # sparse step: room for this fraction of B×F entries, else dense
   c.train.matmul_dtype = "float32"  # "float32" | "bfloat16" matmul inputs (fp32 accumulation)
   c.train.prefetch = 2  # batches read and put on the devices ahead of the step, on a thread (0: off)

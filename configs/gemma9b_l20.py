@@ -22,12 +22,20 @@ def get_config():
   c.lm.model_path = config_dict.placeholder(str)
   c.lm.site = "resid_post.20"
   c.lm.context_len = 1024
-  c.lm.batch_contexts = 8
+  c.lm.batch_contexts = 64  # per process per forward: 64 × 1,024 tokens (fits a v5e host's 4 chips)
   c.lm.dtype = "bfloat16"  # inference in bf16 is fine for harvesting (the recipe's precision)
+  c.lm.param_dtype = "bfloat16"  # 18.5 GB of weights (float32: 37 GB, more than any chip holds)
+  c.lm.model_parallel = 4  # a TPU host's 4 chips (v5e, v5p, v4) split each layer: 4.6 GB each
+  c.text.source = "hf"  # The Pile, as Gemma Scope; needs `pip install datasets` and the hub
+  c.text.path = "monology/pile-uncopyrighted"
   c.harvest.num_tokens = 8_000_000_000
   c.harvest.shard_tokens = 1 << 20
+  c.harvest.dtype = "bfloat16"  # 8B × 3,584 × 2 bytes = 57 TB (float32 would be 115 TB)
   c.eval.num_contexts = 2048  # the report's 2,048 × 1,024-token evaluation
   c.eval.skip_contexts = 8_000_000  # past the harvested contexts
+  # per process per forward: the [B, 1024, 256000] float32 logits of 8 contexts need 22.7 GiB
+  # of temporaries per v5e chip (scripts/aot_tpu.py); 2 fit
+  c.eval.batch_contexts = 2
   c.sae.width = 131072  # 2^17
   c.sae.sparsity_coefficient = 1e-3  # sweep with --config.sae.sparsity_coefficient=...
   c.sae.bandwidth = 0.001
@@ -41,6 +49,7 @@ def get_config():
   c.train.log_every = 1000
   c.train.checkpoint_every = 20000
   c.train.dead_window_tokens = 10_000_000
+  c.train.step_impl = "auto"  # dense on TPU (the sparse step does not compile there in time)
   c.export.model_name = "google/gemma-2-9b"  # its Hugging Face id, which TransformerLens loads
   c.export.hook_name = "blocks.20.hook_resid_post"
   c.export.context_size = 1024

@@ -256,7 +256,10 @@ def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
   """Steps to train.num_steps. Step s+1 is dispatched before step s's metrics are read, so the
   host never waits on the device between steps; a checkpoint is saved only after its loss was
   checked."""
-  step_fn = jit_train_step(c, mesh, shardings)
+  from jumprelu import aot  # aot imports this module
+  # train.step_impl="auto" becomes the step this platform runs best (logged with why)
+  step_fn = jit_train_step(aot.resolve_step_impl(c, mesh.devices.flat[0].platform), mesh,
+                           shardings)
   start, num_steps = int(state.step), c.train.num_steps
 
   to_devices = lambda step: read_batch(c, source, mesh, step)

@@ -12,7 +12,7 @@ from configs import base
 from jumprelu import arch, bandwidth, data, objectives, ops, sae, storage, sweep
 
 DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
-STEP_IMPLS = ("dense", "sparse")
+STEP_IMPLS = ("dense", "sparse", "auto")  # auto: aot.choose_step_impl, per platform
 TEXT_SOURCES = ("stdlib", "files", "hf")
 
 
@@ -74,9 +74,9 @@ def check_config(c) -> None:
   for key in swept:
     need(key in arch.USES.get(c.sae.arch, sweep.AXES), f"sweep.{key}",
          f"empty: sae.arch={c.sae.arch!r} does not use it")
-  need(not swept or c.train.step_impl == "dense" or c.sae.arch != "jumprelu", "train.step_impl",
+  need(not swept or c.train.step_impl != "sparse" or c.sae.arch != "jumprelu", "train.step_impl",
        "'dense' in a sweep (the sparse step's capacity fallback does not vmap efficiently)")
-  need(c.train.step_impl == "dense" or c.sae.arch == "jumprelu", "train.step_impl",
+  need(c.train.step_impl != "sparse" or c.sae.arch == "jumprelu", "train.step_impl",
        "'dense' unless sae.arch='jumprelu' (the sparse step is JumpReLU's)")
   _check_objectives(c, need)
   need(c.sae.kernel in ops.KERNELS, "sae.kernel", f"one of {ops.KERNELS}")
@@ -194,7 +194,7 @@ def _check_objectives(c, need) -> None:
       isinstance(m, int) and not isinstance(m, bool) for m in prefixes) and all(
       1 <= a < b for a, b in zip(prefixes, [*prefixes[1:], s.width])), "sae.matryoshka_prefixes",
        f"a tuple of increasing ints in [1, sae.width={s.width}) (empty: no Matryoshka loss)")
-  need(c.train.step_impl == "dense" or objectives.uses_paper_loss(c), "train.step_impl",
+  need(c.train.step_impl != "sparse" or objectives.uses_paper_loss(c), "train.step_impl",
        "'dense' with sae.sparsity_loss other than 'l0', a pre-activation or frequency penalty, or "
        "Matryoshka prefixes (the sparse step computes the paper's loss only)")
 

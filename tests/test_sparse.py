@@ -249,7 +249,7 @@ def test_sparse_step_with_the_dictionary_split_across_devices(trained):
 
 @pytest.mark.parametrize("key,value,message", [
     ("train.step_impl", "fast",
-     r"train.step_impl must be one of \('dense', 'sparse'\), got 'fast'"),
+     r"train.step_impl must be one of \('dense', 'sparse', 'auto'\), got 'fast'"),
     ("train.sparse_capacity", 0.0, r"train.sparse_capacity must be in \(0, 1\]"),
 ])
 def test_bad_step_keys_fail_validation(key, value, message):
