@@ -70,7 +70,7 @@ def load_sharded(path: str, mesh, param_dtype="float32"):
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in cache:
           before = counted.bytes
-          cache[key] = load.read_hf(counted, name, index, cfg.n_layers).astype(dtype)
+          cache[key] = load.read_hf(counted, name, index, cfg.n_layers).astype(dtype, copy=False)
           log.append(counted.bytes - before)
         return cache[key]
 
@@ -91,7 +91,7 @@ def _get(tree, key_path):
 def put_on_mesh(params, cfg: model.LMConfig, mesh, param_dtype="float32"):
   """Host (or single-device) params -> the same params sharded on `mesh`, in `param_dtype`."""
   dtype = jnp.dtype(param_dtype)
-  params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+  params = jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), params)
   return jax.device_put(params, sharding.lm_shardings(cfg, mesh))
 
 

@@ -1,6 +1,7 @@
 """The LM on a ("data", "model") mesh of 8 faked CPU devices: the same activations and logits as
 on one device, and each device's params read from only its slices of the safetensors file."""
 import os
+import shutil
 
 import jax
 import ml_dtypes
@@ -107,13 +108,18 @@ def test_bfloat16_params_and_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(got, np.float32), w)
 
 
-def test_abstract_params_match_loaded(checkpoint):
+def test_abstract_params_match_loaded(checkpoint, tmp_path):
+  # Ahead-of-time compiles see the arrays load_sharded (HF) and put_on_mesh (GGUF) make, from a
+  # directory holding only config.json.
   path, cfg, *_ = checkpoint
+  shutil.copy(os.path.join(path, "config.json"), tmp_path)
   mesh = sharding.lm_mesh_of(4, jax.devices(), cfg)
+  abstract = shard.abstract_params(load.hf_config(str(tmp_path)), mesh, "bfloat16")
   params, _, _ = shard.load_sharded(path, mesh, "bfloat16")
-  abstract = shard.abstract_params(load.hf_config(path), mesh, "bfloat16")
-  got = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), abstract)
-  assert got == jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), params)
+  placed = shard.put_on_mesh(load.load_hf(path)[0], cfg, mesh, "bfloat16")
+  want = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), abstract)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), params) == want
+  assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), placed) == want
 
 
 def test_param_specs_follow_heads_and_divisibility():
