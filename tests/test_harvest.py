@@ -2,6 +2,8 @@
 process count, exact resume after a kill at any write, repair, refusals, bucket paths."""
 import json
 import os
+import subprocess
+import sys
 
 import fsspec
 import ml_dtypes
@@ -238,6 +240,15 @@ def test_dry_run_size_is_the_stores_size(whole):
                    if f.endswith(".npy"))
   assert data_bytes == 700 * 16 * 4 == round(43.75 * 1024)
   assert len(os.listdir(whole)) - 1 >= 6
+
+
+def test_harvest_py_dry_run_prints_the_size_and_computes_nothing(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, os.path.join(repo, "experiments", "harvest.py"),
+                        f"--config={repo}/configs/tiny.py:harvest", "--dry_run"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout == harvest.size_report(config()) + "\n" and os.listdir(tmp_path) == []
 
 
 def test_store_of_an_earlier_harvest_py(tmp_path, lm, whole):
