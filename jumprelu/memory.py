@@ -7,6 +7,7 @@ lowered and compiled for those shapes; XLA's memory analysis then gives what eac
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jumprelu import sharding, sweep, train, validate
@@ -58,6 +59,18 @@ def lm_param_count(cfg) -> int:
   return embed + d + cfg.n_layers * layer
 
 
+def lm_bytes_per_device(cfg, model_size: int, dtype) -> int:
+  """Bytes of LM params each device holds with the "model" axis model_size devices wide
+  (sharding.lm_param_specs: a split axis divides by model_size, the rest is replicated)."""
+  specs = sharding.lm_param_specs(cfg, model_size)
+  is_shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+  shards = jax.tree.map(
+      lambda shape, spec: int(np.prod([n // model_size if s == "model" else n
+                                       for n, s in zip(shape, (*spec, *[None] * len(shape)))])),
+      model.param_shapes(cfg), specs, is_leaf=is_shape)
+  return sum(jax.tree.leaves(shards)) * jnp.dtype(dtype).itemsize  # jnp: knows bfloat16
+
+
 def dry_run(c) -> str:
   """What a run of config `c` would hold, built abstractly: the LM (from lm.model_path's
   config.json, when it is a checkpoint directory) and the SAE train step per device."""
@@ -71,6 +84,10 @@ def dry_run(c) -> str:
                  f"{cfg.n_layers} layers, d_model {cfg.d_model}, {n / 1e9:.2f}B parameters "
                  f"({n * 4 / GiB:.1f} GiB float32, {n * 2 / GiB:.1f} GiB bfloat16); "
                  f"{c.lm.site} has width {model.site_width(cfg, site)}")
+    mp = jax.local_device_count() if c.lm.model_parallel == -1 else c.lm.model_parallel
+    lines.append(f"LM params per device: {lm_bytes_per_device(cfg, mp, c.lm.param_dtype) / GiB:.2f}"
+                 f" GiB ({c.lm.param_dtype}, split over lm.model_parallel={mp} devices; "
+                 "scripts/aot_tpu.py compiles the LM's programs for a TPU topology)")
   else:
     lines.append("LM: no checkpoint directory with a config.json at lm.model_path "
                  f"({c.lm.model_path!r}); SAE only")

@@ -77,3 +77,9 @@ def test_dry_run_reads_no_weights(tmp_path):
   assert "42 layers, d_model 3584, 9.24B parameters" in text  # the published 9.24B
   assert "resid_post.20 has width 3584" in text
   assert "params          0.438 GiB" in text
+  # bfloat16 weights split over lm.model_parallel=4: embed rows, q/k/v/gate/up columns, o/down
+  # rows; the 4 norms per layer and the final norm replicated.
+  per_layer = (3584 * 4096 * 2 + 3584 * 2048 * 2 + 3 * 3584 * 14336) // 4 + 4 * 3584
+  lm = (256000 * 3584 // 4 + 42 * per_layer + 3584) * 2
+  assert f"LM params per device: {lm / 2**30:.2f} GiB (bfloat16, split over lm.model_parallel=4" \
+      in text
