@@ -370,7 +370,8 @@ def _commit(directory: str, manifest: dict, spec: dict, chunk: int, processes: i
       raise ValueError(
           f"activation shard {storage.join(directory, s['file'])} is not recorded as complete: "
           f"process {s['chunk'] % processes} of {processes} stopped before harvesting it; rerun "
-          "the same command (every process) to finish the store")
+          "the same command (every process) to finish the store. (If that process did finish, "
+          "the store is not one every host sees: give data.path a bucket or a shared disk.)")
   _write_manifest(directory, manifest)
   keep = {s["file"] for s in manifest["shards"]} | {MANIFEST}
   for f in storage.listdir(directory):
