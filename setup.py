@@ -21,7 +21,9 @@ setup(
         # torch, transformers and accelerate are the parity references (tests/lm); torch is
         # pinned to the CPU build (an unpinned torch pulls several GB of CUDA packages).
         "test": ["pytest", "pytest-xdist", "tensorboard", "nbclient", "nbformat", "ipykernel",
-                 "torch==2.13.0", "transformers", "accelerate", "datasets"],
+                 "torch==2.13.0", "transformers", "accelerate", "datasets",
+                 # tests/test_aot.py compiles for TPU topologies without a TPU (jax 0.10's pin)
+                 "libtpu==0.0.42.*; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         "notebook": ["ipykernel"],
         "wandb": ["wandb"],  # log.wandb_project; TensorBoard event files need no extra
         "gcs": ["gcsfs"],  # a store in a gs:// bucket (data.path, harvest into gs://…)
