@@ -167,3 +167,12 @@ def test_device_out_of_memory_points_at_dry_run():
   text, status = cli.explain(e.value)
   assert status == cli.EXIT_FAILED and text.startswith("a device ran out of memory")
   assert "--dry_run" in text and "train.batch_size" in text
+
+
+def test_multi_host_flags_without_distributed_are_a_usage_error():
+  fv = flags.FlagValues()
+  cli.define_distributed_flags(fv)
+  fv(["train.py", "--num_processes=2", "--process_id=1"])
+  with pytest.raises(app.UsageError, match="--num_processes, --process_id given without "
+                                           "--distributed"):
+    cli.init_distributed(fv)
