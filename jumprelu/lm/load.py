@@ -86,6 +86,8 @@ _HF_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu
 
 def hf_config(path: str) -> LMConfig:
   """LMConfig of a Hugging Face checkpoint directory, from its config.json alone (no weights)."""
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"No config.json in {path}.")
   with open(os.path.join(path, "config.json")) as fh:
     return _hf_config(json.load(fh))
 
@@ -249,8 +251,6 @@ def hf_tokenizer(path: str) -> tokenizers.Tokenizer:
 def load_hf(path: str, param_dtype=jnp.float32):
   """(params, cfg, tokenizer) from a HF directory: config.json, *.safetensors, tokenizer.json.
   The params are whole on the default device; shard.load_sharded reads them onto a mesh."""
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    raise FileNotFoundError(f"No config.json in {path}.")
   cfg = hf_config(path)
   tokenizer = hf_tokenizer(path)
   with HFTensors(path) as get_slice:

@@ -154,3 +154,20 @@ def _flat(tree):
   """[(path "layers/q_DxHDh", leaf)] of a params-shaped dict."""
   return [("/".join(k.key for k in path), leaf) for path, leaf in
           jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, P))]
+
+
+def test_load_sharded_refuses_a_checkpoint_it_would_misread(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  path = str(tmp_path)
+  cfg = tiny_lm.write_hf_checkpoint(path, "llama")
+  mesh = sharding.lm_mesh_of(2, jax.devices(), cfg)
+  file = os.path.join(path, "model.safetensors")
+  tensors = load_file(file)
+  save_file({**tensors, "model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}, file)
+  with pytest.raises(ValueError, match=r"tensors this loader does not understand: \['model"
+                     r".layers.0.self_attn.q_norm.weight'\]"):
+    shard.load_sharded(path, mesh)
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, file)
+  with pytest.raises(KeyError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
+    shard.load_sharded(path, mesh)
