@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 
 from jumprelu import arch as arch_lib
-from jumprelu import data, export, files, logs, spliced, sweep
+from jumprelu import data, export, files, logs, sharding, spliced, sweep
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
 
@@ -61,6 +61,13 @@ def check_inputs(c, workdir: str) -> bool:
     logging.info("no evaluation with the LM: %s", reason)
   if reason is not None:
     return False
+  lm_data = sharding.local_data_size(sharding.lm_mesh_of(c.lm.model_parallel,
+                                                         jax.local_devices()))
+  if c.eval.batch_contexts % lm_data:
+    raise ValueError(f"eval.batch_contexts={c.eval.batch_contexts} does not split over the LM "
+                     f"mesh's {lm_data} \"data\" devices in this process (lm.model_parallel="
+                     f"{c.lm.model_parallel}); set it to a multiple of {lm_data}, or raise "
+                     "lm.model_parallel")
   first, stop = c.eval.skip_contexts, c.eval.skip_contexts + c.eval.num_contexts
   used, who = _training_contexts(c, workdir)
   if used is not None and first < used:
@@ -198,6 +205,7 @@ def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
                        f"got {rc.lm.site!r} vs {c.lm.site!r}")
   params_paths = params_paths or [os.path.join(d, "export", "params.npz") for _, d in runs]
   describe = describe or [True] * len(runs)
+  _wait_for_all("jumprelu_evaluate_runs")  # every process reads the exports process 0 wrote
   lm = lm_act.load_lm(c)
   contexts = held_out_contexts(
       c, lm[1], lm[2], max(workdir_lib.contexts_used(rc, rdir) for rc, rdir in runs))
@@ -223,6 +231,24 @@ def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
       logging.info("evaluation of %s on %d held-out tokens at %s:\n%s", rdir, result["tokens"],
                    rc.lm.site, spliced.table(result))
   return results
+
+
+def _wait_for_all(name: str) -> None:
+  """Waits until every process of a multi-process job reaches this point: at the coordination
+  service's barrier, not a device collective (on CPU, gloo waits only ~30 s for the peers of a
+  collective's first run)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination service's client
+  client = distributed.global_state.client
+  if client is None:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+  else:
+    client.wait_at_barrier(f"{name}_{next(_barriers)}", 3600 * 1000)  # a sweep's exports
+
+
+_barriers = itertools.count()  # a barrier's name is used once
 
 
 def _half_window(c, workdir: str) -> float:

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jumprelu import data, sharding
@@ -128,6 +129,10 @@ class LiveSource:
                      "n": len(pos), "seed": (self.c.seed * 1_000_003 + k) % 2**63,
                      "first": k * count}
       self._k, self.n = k, len(pos)
+      lo, hi = sharding.process_rows(self.mesh, count)
+      logging.info("live chunk %d: %d rows; this process ran the LM on contexts %d..%d of "
+                   "%d..%d", k, len(pos), k * count + lo, k * count + hi - 1, k * count,
+                   (k + 1) * count - 1)
     return self._chunk
 
   def where(self, chunk: dict, i: int) -> str:

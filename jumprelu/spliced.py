@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jumprelu import arch as arch_lib
 from jumprelu import logs, sae
@@ -150,13 +149,10 @@ THRESHOLD_QUANTILES = (0, 5, 25, 50, 75, 95, 100)
 
 
 def _lm_batch(lm_params, tokens_BxL: np.ndarray):
-  """The tokens laid out as the LM's batch: split over "data" of the mesh its params are on (the
-  sharded LM, sharding.lm_mesh), else as they are."""
-  leaf = jax.tree.leaves(lm_params)[0]
-  mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-  if mesh is None or "data" not in mesh.axis_names or len(tokens_BxL) % mesh.shape["data"]:
-    return tokens_BxL
-  return jax.device_put(tokens_BxL, NamedSharding(mesh, P("data", None)))
+  """The tokens laid out as the LM's batch: split over "data" of the mesh load_lm put its params
+  on (each process its own LM), else as they are."""
+  mesh = lm_act.mesh_of(lm_params)
+  return tokens_BxL if mesh is None else lm_act.tokens_on_mesh(mesh, tokens_BxL)
 
 
 def summarize(t: dict) -> dict:
