@@ -150,24 +150,24 @@ def lm_param_specs(cfg, model_size: int) -> dict:
   def split(size, spec):
     return spec if size % model_size == 0 else P()
 
-  # GQA models often have fewer KV heads than devices (Llama 3 8B: 8; SmolLM2: 3): k/v are
+  # GQA models often have fewer KV heads than devices (SmolLM2: 3; Llama 3 8B: 8): k/v are
   # then replicated, each device computing every KV head (a small [D, K*Dh] matmul) rather than
   # splitting a head's Dh across devices, which would cut through its RoPE halves and scores.
   kv = split(cfg.n_kv_heads, P(None, None, "model"))
   layer = {
-      "q_DxHDh": split(cfg.n_heads, P(None, None, "model")),  # [N, D, H*Dh]: query heads
-      "k_DxKDh": kv,  # [N, D, K*Dh]: KV heads
-      "v_DxKDh": kv,  # [N, D, K*Dh]
-      "o_HDhxD": split(cfg.n_heads, P(None, "model", None)),  # [N, H*Dh, D]: rows = heads
-      "gate_DxF": split(cfg.d_ff, P(None, None, "model")),  # [N, D, F]: hidden units
-      "up_DxF": split(cfg.d_ff, P(None, None, "model")),  # [N, D, F]
-      "down_FxD": split(cfg.d_ff, P(None, "model", None)),  # [N, F, D]
+      "q_DxHDh": split(cfg.n_heads, P(None, None, "model")),  # [layers, D, H*Dh]: query heads
+      "k_DxKDh": kv,  # [layers, D, K*Dh]: KV heads
+      "v_DxKDh": kv,  # [layers, D, K*Dh]
+      "o_HDhxD": split(cfg.n_heads, P(None, "model", None)),  # [layers, H*Dh, D]: rows = heads
+      "gate_DxF": split(cfg.d_ff, P(None, None, "model")),  # [layers, D, F]: hidden units
+      "up_DxF": split(cfg.d_ff, P(None, None, "model")),  # [layers, D, F]
+      "down_FxD": split(cfg.d_ff, P(None, "model", None)),  # [layers, F, D]
   }
   shapes = lm_model.param_shapes(cfg)
   specs = {
       "embed_VxD": split(cfg.vocab_size, P("model", None)),  # [V, D]: vocabulary rows
       "final_norm_D": P(),  # [D]
-      "layers": {k: layer.get(k, P()) for k in shapes["layers"]},  # norms [N, D]: replicated
+      "layers": {k: layer.get(k, P()) for k in shapes["layers"]},  # norms [layers, D]: replicated
   }
   if "unembed_DxV" in shapes:
     specs["unembed_DxV"] = split(cfg.vocab_size, P(None, "model"))  # [D, V]: vocabulary columns

@@ -9,7 +9,8 @@ Params are a plain dict (weights stored [in, out], i.e. transposed from torch.nn
   layers: a dict of arrays stacked over layers, so layers["q_DxHDh"] has shape [n_layers, D, H*Dh]:
     pre_attn_norm_D, q_DxHDh, k_DxKDh, v_DxKDh, o_HDhxD, pre_mlp_norm_D,
     gate_DxF, up_DxF, down_FxD, and for Gemma 2 also post_attn_norm_D, post_mlp_norm_D.
-The layers run in a fori_loop, so compile time does not grow with depth.
+The layers run in a fori_loop, so compile time does not grow with depth. param_shapes(cfg) gives
+the shapes without weights; sharding.lm_param_specs their tensor-parallel layout on a mesh.
 """
 
 import dataclasses
