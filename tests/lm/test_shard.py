@@ -171,3 +171,11 @@ def test_load_sharded_refuses_a_checkpoint_it_would_misread(tmp_path):
   save_file(tensors, file)
   with pytest.raises(KeyError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
     shard.load_sharded(path, mesh)
+
+
+def test_config_checks_the_lm_placement_keys():
+  from jumprelu import validate
+  with pytest.raises(ValueError, match=r"lm.param_dtype.*float32 or bfloat16[\s\S]*"
+                     r"lm.model_parallel.*>= 1 or -1"):
+    validate.check_config(conftest.tiny("harvest", **{"lm.param_dtype": "float16",
+                                                      "lm.model_parallel": 0}))
