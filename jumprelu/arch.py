@@ -87,7 +87,8 @@ def _jumprelu_loss_fn(c, x_BxD, hp):
   s, lam = c.sae, hp["sparsity_coefficient"]
   if objectives.uses_paper_loss(c):
     return lambda p: sae.loss(p, x_BxD, sparsity_coefficient=lam, bandwidth=hp["bandwidth"],
-                              kernel=s.kernel, matmul_dtype=c.train.matmul_dtype)
+                              kernel=s.kernel, matmul_dtype=c.train.matmul_dtype,
+                              pre_relu=s.pre_relu)
   # The frequency penalty warms up with λ: at init most features fire on > 10% of tokens.
   mu = s.frequency_coefficient * hp["warmup"] if s.frequency_coefficient else 0.0
   return lambda p: objectives.jumprelu_loss(

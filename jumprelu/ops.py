@@ -2,7 +2,8 @@
 
 Shapes: z [..., F] (pre-activations), threshold [F] (broadcast over the leading axes).
 Both functions are pure and work under jit, vmap and grad. `bandwidth` (ε) may be a traced
-value, so a sweep can vmap over it; `kernel` is static.
+value, so a sweep can vmap over it, and a scalar or one ε per feature [F] (broadcast like θ;
+bandwidth.py's adaptive rule); `kernel` is static.
 """
 import functools
 import math

@@ -47,7 +47,8 @@ def threshold(params: dict) -> jax.Array:
 
 def pre_activations(params: dict, x_BxD: jax.Array) -> jax.Array:
   """π(x) = ReLU(x·W_enc + b_enc). The ReLU follows the paper's pseudo-code (App. J); with
-  θ > 0 it does not change the features, only keeps negative values out of the STE window."""
+  θ > 0 it does not change the features, only keeps negative values out of the STE window
+  (`loss(..., pre_relu=False)` trains without it, an ablation)."""
   return jax.nn.relu(x_BxD @ params["W_enc"] + params["b_enc"])
 
 
@@ -71,18 +72,22 @@ def matmul(a, b, matmul_dtype: str = "float32"):
 
 
 def loss(params: dict, x_BxD, *, sparsity_coefficient, bandwidth, kernel: str = "rectangle",
-         matmul_dtype: str = "float32"):
+         matmul_dtype: str = "float32", pre_relu: bool = True):
   """Eq. 9–10 averaged over the batch: ‖x − x̂‖² + λ·Σᵢ H(πᵢ − θᵢ). Returns (loss, aux).
 
   Its gradients are those of autodiff through `encode`, `decode` and `ops.step` (see _loss).
   `matmul_dtype="bfloat16"` runs every product on bf16 inputs with fp32 accumulation.
+  `bandwidth` is a scalar or one ε per feature [F] (bandwidth.py). `pre_relu=False` drops the
+  ReLU before the JumpReLU (π = z): the same features for θ > 0, but the STE window then also
+  sees negative z, and the encoder gets H(z − θ) instead of H(z − θ)·ReLU'(z).
   """
   ops.check_kernel(kernel)
   if matmul_dtype not in MATMUL_DTYPES:
     raise ValueError(f"train.matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
   x_BxD = jnp.asarray(x_BxD)
   lam = jnp.asarray(sparsity_coefficient, x_BxD.dtype)
-  return _loss(params, x_BxD, lam, jnp.asarray(bandwidth, x_BxD.dtype), kernel, matmul_dtype)
+  return _loss(params, x_BxD, lam, jnp.asarray(bandwidth, x_BxD.dtype), kernel, matmul_dtype,
+               bool(pre_relu))
 
 
 # The whole Eq. 10 loss with one hand-written backward pass. It applies the same estimators as
@@ -90,15 +95,15 @@ def loss(params: dict, x_BxD, *, sparsity_coefficient, bandwidth, kernel: str = 
 # the encoder) but keeps only z = x·W_enc, f, ∂f and ∂z as [B, F] arrays and reads each once or
 # twice; autodiff through the composition makes about twice as many [B, F] passes. Cotangents of
 # every aux output are honoured, so differentiating through aux stays exact.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _loss(params, x_BxD, lam, bandwidth, kernel, matmul_dtype):
-  return _loss_fwd(params, x_BxD, lam, bandwidth, kernel, matmul_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _loss(params, x_BxD, lam, bandwidth, kernel, matmul_dtype, pre_relu):
+  return _loss_fwd(params, x_BxD, lam, bandwidth, kernel, matmul_dtype, pre_relu)[0]
 
 
-def _loss_fwd(params, x_BxD, lam, bandwidth, kernel, matmul_dtype):
+def _loss_fwd(params, x_BxD, lam, bandwidth, kernel, matmul_dtype, pre_relu):
   theta_F = threshold(params)
   z_BxF = matmul(x_BxD, params["W_enc"], matmul_dtype) + params["b_enc"]
-  pre_BxF = jax.nn.relu(z_BxF)
+  pre_BxF = jax.nn.relu(z_BxF) if pre_relu else z_BxF
   f_BxF = pre_BxF * ops.heaviside(pre_BxF - theta_F)
   x_hat_BxD = matmul(f_BxF, params["W_dec"], matmul_dtype) + params["b_dec"]
   r_BxD = x_hat_BxD - x_BxD
@@ -110,7 +115,7 @@ def _loss_fwd(params, x_BxD, lam, bandwidth, kernel, matmul_dtype):
   return (total, aux), (params, x_BxD, lam, bandwidth, z_BxF, f_BxF, r_BxD, l0_B)
 
 
-def _loss_bwd(kernel, matmul_dtype, res, cts):
+def _loss_bwd(kernel, matmul_dtype, pre_relu, res, cts):
   params, x_BxD, lam, bandwidth, z_BxF, f_BxF, r_BxD, l0_B = res
   g_total, g_aux = cts
   batch = x_BxD.shape[0]
@@ -120,12 +125,12 @@ def _loss_bwd(kernel, matmul_dtype, res, cts):
   g_xhat_BxD = g_aux["x_hat_BxD"] + 2 * g_r_B1 * r_BxD
   g_f_BxF = g_aux["f_BxF"] + matmul(g_xhat_BxD, params["W_dec"].T, matmul_dtype)
   g_l0_B1 = (g_total * lam / batch + g_aux["l0_B"])[:, None]
-  pre_BxF = jax.nn.relu(z_BxF)
+  pre_BxF = jax.nn.relu(z_BxF) if pre_relu else z_BxF
   k_BxF = ops.kernel_fn(kernel, (pre_BxF - theta_F) / bandwidth)
   # Eq. 11 through f plus Eq. 12 through the L0 term, factored so XLA makes one [B, F] pass.
   g_theta_F = jnp.sum(k_BxF * (-(theta_F / bandwidth) * g_f_BxF - g_l0_B1 / bandwidth), axis=0)
   g_pre_BxF = g_aux["pre_BxF"] + ops.heaviside(pre_BxF - theta_F) * g_f_BxF
-  g_z_BxF = jnp.where(z_BxF > 0, g_pre_BxF, 0.0)  # ReLU'(0) = 0, as jax.nn.relu
+  g_z_BxF = jnp.where(z_BxF > 0, g_pre_BxF, 0.0) if pre_relu else g_pre_BxF  # ReLU'(0) = 0
   # The weight gradients contract B. Written as xᵀ·∂z, XLA:CPU hands them to a single-threaded
   # Eigen kernel; with the small [D, B] transposes materialised first (the barrier stops XLA
   # folding them back into the dot) they run as ordinary [D, B]·[B, F] products, ~1.7× faster.

@@ -8,7 +8,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from jumprelu import arch, baselines, checkpoint, data, features, logs, sae, sharding, sweep
+from jumprelu import arch, bandwidth, baselines, checkpoint, data, features, logs, sae, sharding
+from jumprelu import sweep
 from jumprelu import workdir as workdir_lib
 
 
@@ -19,6 +20,8 @@ class TrainState:
   opt_state: optax.OptState
   tokens_since_fired: jax.Array  # [F] int32, capped: tokens since each feature last fired
   norm_scale: jax.Array  # [] float32: C = sqrt(E‖x‖²); the SAE sees x / C
+  # sae.bandwidth_rule="adaptive": the per-feature statistics of bandwidth.py ([F] each); else {}
+  bandwidth_stats: dict = struct.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -46,11 +49,15 @@ def optimizer(c) -> optax.GradientTransformation:
   second moment: the same update, a third less optimiser memory (3.5 GiB/device at 1M wide)."""
   lr = lambda s: learning_rate(c, s)
   if c.optim.b1 == 0:
-    return optax.chain(
+    tx = optax.chain(
         optax.scale_by_rms(decay=c.optim.b2, eps=c.optim.eps, eps_in_sqrt=False,
                            bias_correction=True),
         optax.scale_by_learning_rate(lr))
-  return optax.adam(lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+  else:
+    tx = optax.adam(lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+  if c.optim.grad_clip > 0:  # per SAE: a vmapped ensemble clips each member's own gradient
+    tx = optax.chain(optax.clip_by_global_norm(c.optim.grad_clip), tx)
+  return tx
 
 
 # ----------------------------------------------------------------------------- state
@@ -61,22 +68,25 @@ def init_state(c, key, norm_scale, n_members: int = 0) -> TrainState:
   state = TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer(c).init(params),
       tokens_since_fired=jnp.zeros((c.sae.width,), jnp.int32),
-      norm_scale=jnp.asarray(norm_scale, jnp.float32))
+      norm_scale=jnp.asarray(norm_scale, jnp.float32), bandwidth_stats=bandwidth.init(c))
   if not n_members:
     return state
   return state.replace(params=sweep.stack(state.params, n_members),
                        opt_state=sweep.stack(state.opt_state, n_members),
-                       tokens_since_fired=sweep.stack(state.tokens_since_fired, n_members))
+                       tokens_since_fired=sweep.stack(state.tokens_since_fired, n_members),
+                       bandwidth_stats=sweep.stack(state.bandwidth_stats, n_members))
 
 
 # Which TrainState fields carry the member axis of an ensemble (vmap's in_axes / out_axes).
-STATE_AXES = TrainState(step=None, params=0, opt_state=0, tokens_since_fired=0, norm_scale=None)
+STATE_AXES = TrainState(step=None, params=0, opt_state=0, tokens_since_fired=0, norm_scale=None,
+                        bandwidth_stats=0)
 
 
 def member_state(state: TrainState, i: int) -> TrainState:
   """Member i of an ensemble's state, as the state of a run of that member alone."""
   return state.replace(params=sweep.take(state.params, i), opt_state=sweep.take(state.opt_state, i),
-                       tokens_since_fired=sweep.take(state.tokens_since_fired, i))
+                       tokens_since_fired=sweep.take(state.tokens_since_fired, i),
+                       bandwidth_stats=sweep.take(state.bandwidth_stats, i))
 
 
 # ----------------------------------------------------------------------------- train step
@@ -101,12 +111,26 @@ def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
   lam = sparsity_coefficient(c, state.step, hp["sparsity_coefficient"])
   warmup = sparsity_coefficient(c, state.step, 1.0)  # the warm-up's fraction, for other penalties
   dead_F = state.tokens_since_fired >= c.train.dead_window_tokens
+  adaptive = bandwidth.uses_stats(c)
+  if adaptive:  # ε_i [F] from the statistics of the batches before this one
+    theta_F = sae.threshold(state.params)
+    hp = {**hp, "bandwidth": bandwidth.config_epsilon(c, state.bandwidth_stats, theta_F,
+                                                      state.step, hp["bandwidth"])}
   (loss, aux), grads = arch.value_and_grad(
       c, state.params, x_BxD, {**hp, "sparsity_coefficient": lam, "warmup": warmup}, dead_F)
-  grads["W_dec"] = sae.remove_parallel_grad(state.params["W_dec"], grads["W_dec"])
+  unit_decoder = c.sae.decoder_norm == "unit"
+  if unit_decoder:
+    grads["W_dec"] = sae.remove_parallel_grad(state.params["W_dec"], grads["W_dec"])
   updates, opt_state = optimizer(c).update(grads, state.opt_state, state.params)
+  if c.sae.arch == "jumprelu" and c.optim.threshold_lr_scale != 1:
+    name = "log_threshold" if "log_threshold" in updates else "threshold"
+    updates[name] = updates[name] * c.optim.threshold_lr_scale
   params = optax.apply_updates(state.params, updates)
-  params["W_dec"] = sae.normalize_decoder(params["W_dec"])
+  if unit_decoder:
+    params["W_dec"] = sae.normalize_decoder(params["W_dec"])
+  bandwidth_stats = state.bandwidth_stats
+  if adaptive:
+    bandwidth_stats = bandwidth.config_update(c, bandwidth_stats, aux["pre_BxF"], theta_F)
   if c.sae.arch == "batchtopk":  # its inference threshold: a running mean, not a gradient step
     params["threshold"] = baselines.batchtopk_threshold(
         state.params["threshold"], aux["min_kept"], c.sae.batchtopk_threshold_decay,
@@ -132,6 +156,8 @@ def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
     metrics["in_window"] = aux["in_window"]
     # In raw activation units (θ·C), as eval.json's threshold_mean and the exports hold θ.
     metrics["threshold_mean"] = jnp.mean(sae.threshold(state.params)) * state.norm_scale
+    if adaptive:  # normalised units, as sae.bandwidth
+      metrics["bandwidth_mean"] = jnp.mean(hp["bandwidth"])
   if c.sae.arch in ("topk", "batchtopk"):
     metrics["auxk"] = aux["auxk"]
   if c.sae.arch == "batchtopk":  # the inference threshold, in raw activation units
@@ -139,7 +165,7 @@ def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
   if c.sae.arch == "jumprelu" and c.train.step_impl == "sparse":
     metrics["dense_fallback"] = aux["dense_fallback"]  # 1: batch overflowed train.sparse_capacity
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            tokens_since_fired=tokens_since_fired)
+                            tokens_since_fired=tokens_since_fired, bandwidth_stats=bandwidth_stats)
   return new_state, metrics
 
 
