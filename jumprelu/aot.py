@@ -169,7 +169,10 @@ def programs(c, devices, sweep_n: int = 0, with_live: bool | None = None) -> lis
   platform = devices[0].platform
   c = resolve_step_impl(c, platform)
   out = []
-  has_lm = c.data.source in ("harvest", "live") or c.eval.num_contexts > 0 or with_live
+  # Evaluation needs the LM: harvest and live runs, or a store whose LM lm.model_path names.
+  evaluates = c.eval.num_contexts > 0 and (c.data.source in ("harvest", "live") or (
+      c.data.source == "npy" and bool(c.lm.model_path)))
+  has_lm = c.data.source in ("harvest", "live") or evaluates or with_live
   cfg = lm_config(c) if has_lm else None
   local = [d for d in devices if d.process_index == devices[0].process_index]
   dtype = c.lm.param_dtype
@@ -221,7 +224,7 @@ def programs(c, devices, sweep_n: int = 0, with_live: bool | None = None) -> lis
   if cfg is not None and (with_live or (with_live is None and c.data.source == "live")):
     out.append(_live(sc, cfg, site, devices, mesh, dtype, bdf))
 
-  if cfg is not None and c.eval.num_contexts > 0:
+  if evaluates:
     eval_tokens = jax.ShapeDtypeStruct((c.eval.batch_contexts, L), jnp.int32,
                                        sharding=sharding.lm_batch_sharding(pmesh))
     eval_layer = _layer_loop(cfg, pmesh, eval_tokens, dtype, "eval")

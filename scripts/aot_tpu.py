@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 # Run from a checkout, use that checkout (not whichever copy pip installed in editable mode).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,13 +48,15 @@ def main(argv):
   del argv
   from jumprelu import aot  # imports jax
   c = _CONFIG.value
+  print("compiler predictions (XLA cost model / memory analysis), not measurements")
+  printed = []
+
+  def log(line):  # the topology first, then each program's row as soon as it compiled
+    print(line if printed else line + "\n" + aot.HEADER, flush=True)
+    printed.append(line)
+
   rows = aot.compile_all(c, _TOPOLOGY.value, _SWEEP.value, _LIVE.value, _PROGRAMS.value or None,
-                         log=lambda s: None)
-  print(f"compiler predictions (XLA cost model / memory analysis), not measurements; "
-        f"topology {_TOPOLOGY.value}")
-  print(aot.HEADER)
-  for r in rows:
-    print(aot.format_row(r))
+                         log=log)
   if _PROBE.value:
     print(_probe_sparse(_PROBE.value, rows))
   if _JSON.value:
@@ -63,20 +66,29 @@ def main(argv):
 
 
 def _probe_sparse(seconds: int, rows) -> str:
-  """Compiles the train step with train.step_impl=sparse in a subprocess under a time limit."""
+  """Compiles the train step with train.step_impl=sparse in a subprocess under a time limit and
+  compares its cost-model time with the dense step's."""
   args = [a for a in sys.argv if not a.startswith(("--probe_sparse_s", "--programs", "--sweep",
-                                                    "--live", "--config.train.step_impl"))]
-  cmd = [sys.executable, *args, "--programs=train", "--config.train.step_impl=sparse"]
-  try:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds).stdout
-  except subprocess.TimeoutExpired:
-    return (f"sparse step: did not compile within {seconds} s (train.step_impl=auto uses the "
-            "dense step here)")
-  line = next((l for l in out.splitlines() if l.startswith("train ")), None)
-  if line is None:
-    return f"sparse step: failed to compile ({out.strip().splitlines()[-1:]})"
-  dense = next(r for r in rows if r["program"] in ("train", "sweep"))
-  return f"sparse step compiled: {line}\n  (dense: {dense['cost_model_s'] * 1e3:.2f} ms)"
+                                                    "--live", "--json", "--config.train.step_impl"))]
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "rows.json")
+    cmd = [sys.executable, *args, "--programs=train", "--config.train.step_impl=sparse",
+           f"--json={out}"]
+    try:
+      run = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+      return (f"sparse step: not compiled within {seconds} s; train.step_impl=auto runs the "
+              "dense step on TPU")
+    if run.returncode or not os.path.exists(out):
+      return f"sparse step: failed to compile: {run.stderr.strip().splitlines()[-1:]}"
+    with open(out) as fh:
+      sparse = json.load(fh)[0]
+  dense = next(r for r in rows if r["program"] == "train")
+  faster = 0 < sparse["cost_model_s"] < dense["cost_model_s"]
+  return (f"sparse step: compiled in {sparse['compile_s']:.0f} s, {sparse['total'] / 2**30:.3f} "
+          f"GiB per device, cost model {sparse['cost_model_s'] * 1e3:.3g} ms against the dense "
+          f"step's {dense['cost_model_s'] * 1e3:.3g} ms: "
+          + ("sparse is faster here" if faster else "dense is faster (or the model is unsure)"))
 
 
 if __name__ == "__main__":
