@@ -177,25 +177,15 @@ def programs(c, devices, sweep_n: int = 0, with_live: bool | None = None) -> lis
   local = [d for d in devices if d.process_index == devices[0].process_index]
   dtype = c.lm.param_dtype
   site = model.parse_site(c.lm.site) if has_lm else None
-  L = c.lm.context_len
   if cfg is not None:
-    pmesh = sharding.lm_mesh(c, local, cfg)
-    lm_local = shard.abstract_params(cfg, pmesh, dtype)
-    n_ctx = c.lm.batch_contexts
-    if n_ctx % pmesh.shape["data"]:
-      raise ValueError(f"lm.batch_contexts={n_ctx} is not divisible by the {pmesh.shape['data']} "
-                       f"data-parallel groups of a process ({len(local)} devices / "
-                       f"{pmesh.shape['model']} along \"model\"); choose a multiple")
-    tokens = jax.ShapeDtypeStruct((n_ctx, L), jnp.int32,
-                                  sharding=sharding.lm_batch_sharding(pmesh))
-    layer = _layer_loop(cfg, pmesh, tokens, dtype, "process")
-
-  if cfg is not None and c.data.source == "harvest":
-    fwd = jax.jit(lambda p, t: model.forward(p, cfg, t, site=site, stop_at_site=True)[1])
-    out.append({"name": "harvest", "lower": lambda: fwd.lower(lm_local, tokens), "args": (lm_local, tokens),
-                "flops": lm_flops(cfg, n_ctx * L, site.layer + 1, False), "devices": len(local),
-                "loop": {**layer, "runs": 1, "trips": site.layer + 1},
-                "note": f"{n_ctx}x{L} tokens/process, LM {dict(pmesh.shape)}"})
+    # Harvest and evaluation run on each process's own devices; where XLA refuses a program on
+    # part of a slice (v5e and v6e pods: "device assignment should include all slice devices"),
+    # the same work as one program over every device (each process its own contexts).
+    per_process = _lm_programs(c, cfg, site, local, dtype, evaluates)
+    whole = _lm_programs(c, cfg, site, devices, dtype, evaluates)
+    for p, fallback in zip(per_process, whole):
+      p["fallback"] = fallback
+    out += [p for p in per_process if p["name"] == "harvest"]
 
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model, devices)
   sharding.check_divisible(mesh, c.sae.width, c.train.batch_size)
@@ -225,10 +215,40 @@ def programs(c, devices, sweep_n: int = 0, with_live: bool | None = None) -> lis
     out.append(_live(sc, cfg, site, devices, mesh, dtype, bdf))
 
   if evaluates:
-    eval_tokens = jax.ShapeDtypeStruct((c.eval.batch_contexts, L), jnp.int32,
-                                       sharding=sharding.lm_batch_sharding(pmesh))
-    eval_layer = _layer_loop(cfg, pmesh, eval_tokens, dtype, "eval")
-    out += _eval(c, cfg, site, pmesh, lm_local, eval_tokens, len(local), eval_layer)
+    out += [p for p in per_process if p["name"] != "harvest"]
+  return out
+
+
+def _lm_programs(c, cfg, site, devs, dtype, evaluates) -> list[dict]:
+  """The harvest forward (when data.source=harvest) and the evaluation programs on `devs`: one
+  process's devices, or several processes' (each with its own lm.batch_contexts contexts)."""
+  procs = len({d.process_index for d in devs})
+  scope = "process" if procs == 1 else "all"
+  pmesh = sharding.lm_mesh(c, devs, cfg)
+  lm_params = shard.abstract_params(cfg, pmesh, dtype)
+  L, out = c.lm.context_len, []
+  for key, per in (("lm.batch_contexts", c.lm.batch_contexts),
+                   ("eval.batch_contexts", c.eval.batch_contexts)):
+    if per * procs % pmesh.shape["data"]:
+      raise ValueError(f"{key}={per} is not divisible by the {pmesh.shape['data'] // procs} "
+                       f"data-parallel groups of a process ({len(devs) // procs} devices / "
+                       f"{pmesh.shape['model']} along \"model\"); choose a multiple")
+  if c.data.source == "harvest":
+    n_ctx = c.lm.batch_contexts * procs
+    tokens = jax.ShapeDtypeStruct((n_ctx, L), jnp.int32,
+                                  sharding=sharding.lm_batch_sharding(pmesh))
+    fwd = jax.jit(lambda p, t: model.forward(p, cfg, t, site=site, stop_at_site=True)[1])
+    out.append({"name": "harvest", "lower": lambda: fwd.lower(lm_params, tokens),
+                "args": (lm_params, tokens), "devices": len(devs),
+                "flops": lm_flops(cfg, n_ctx * L, site.layer + 1, False),
+                "loop": {**_layer_loop(cfg, pmesh, tokens, dtype, "harvest/" + scope),
+                         "runs": 1, "trips": site.layer + 1},
+                "note": f"{c.lm.batch_contexts}x{L} tokens/process, LM {dict(pmesh.shape)}"})
+  if evaluates:
+    tokens = jax.ShapeDtypeStruct((c.eval.batch_contexts * procs, L), jnp.int32,
+                                  sharding=sharding.lm_batch_sharding(pmesh))
+    layer = _layer_loop(cfg, pmesh, tokens, dtype, "eval/" + scope)
+    out += _eval(c, cfg, site, pmesh, lm_params, tokens, len(devs), layer, procs)
   return out
 
 
@@ -284,7 +304,7 @@ def _live(c, cfg, site, devices, mesh, dtype, bdf) -> dict:
                   f"{c.data.live_chunk_contexts}" + (f", {members} SAEs" if members else "")}
 
 
-def _eval(c, cfg, site, pmesh, lm_local, tokens, n_local, layer) -> list[dict]:
+def _eval(c, cfg, site, pmesh, lm_local, tokens, n_local, layer, procs) -> list[dict]:
   """spliced.py's clean run and SAE-spliced run over one eval batch (eval.batch_contexts), on one
   process's devices."""
   n_ctx, L = tokens.shape
@@ -306,7 +326,7 @@ def _eval(c, cfg, site, pmesh, lm_local, tokens, n_local, layer) -> list[dict]:
   k = c.sae.k if c.sae.arch == "topk" else None
   full = lm_flops(cfg, n_ctx * L, cfg.n_layers, True)
   sae_f = 4.0 * n_ctx * L * c.data.d_in * c.sae.width  # encode and decode, twice
-  note = f"{n_ctx}x{L} tokens/process"
+  note = f"{n_ctx // procs}x{L} tokens/process"
   return [
       {"name": "eval_clean", "lower": lambda: spliced._clean.lower(
           lm_local, tokens, skip_positions=c.lm.skip_positions, **kw),
@@ -336,7 +356,8 @@ def compile_program(p: dict, ch: dict, bodies: dict | None = None) -> dict:
 
   A program with a layer loop (p["loop"]) adds (trips − 1) × runs times its one-layer program's
   FLOPs and time (compiled once per key into `bodies`): XLA counts a loop body once. A program
-  XLA refuses for want of HBM gives a row with the temporaries it asked for."""
+  XLA refuses for want of HBM gives a row with the temporaries it asked for; one it refuses on
+  part of a slice is compiled as p["fallback"], over every device."""
   args = sum(_shard_bytes(a) for a in jax.tree.leaves(p["args"]))  # the first device's shards
   row = {"program": p["name"], "arguments": args, "argument_shards": args, "hbm": ch["hbm"],
          "outputs": 0,
@@ -344,7 +365,11 @@ def compile_program(p: dict, ch: dict, bodies: dict | None = None) -> dict:
          "ideal_s": p["flops"] / (p["devices"] * ch["peak"]), "note": p["note"]}
   try:
     m, flops, model_s, row["compile_s"] = _compile(p["lower"])
-  except Exception as e:  # XLA's out-of-memory at compile time: the program does not fit
+  except Exception as e:  # XLA refuses a program on part of a slice, or one that does not fit
+    if "should include all slice devices" in str(e) and "fallback" in p:
+      row = compile_program(p["fallback"], ch, bodies)
+      return {**row, "note": row["note"] + "; one program over every process (XLA refuses "
+                             "one on a process's devices alone in this slice)"}
     need = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or need is None:
       raise
