@@ -8,8 +8,9 @@ the SAE batch's rows, so each process runs the LM only on the contexts its own d
 the rows a harvest of the same contexts stores. Steps [k·S, (k+1)·S) (S = data.live_chunk_steps)
 draw their batches from it through the store's stateless permutation, seeded by (seed, k): the
 batch at a step is a pure function of (seed, step), so a resumed run recomputes its chunk and
-gets the same rows, and the rows are gathered on the devices (`gather`). A sweep's ensemble
-trains every member on the same batch, so S SAEs share one LM pass per chunk.
+gets the same rows. Each training step gathers its batch from the chunk on the devices inside
+its own program (`gathering`, `gather`). A sweep's ensemble trains every member on the same
+batch, so S SAEs share one LM pass per chunk.
 """
 import functools
 
@@ -51,9 +52,10 @@ def _gather_fn(mesh):
 
 class LiveSource:
   """Activations computed by the LM on the training mesh while training runs (see the module
-  docstring). `global_batch` is what training reads; `batch` copies a batch to the host."""
+  docstring). Training runs `gathering(step)` on `step_input`s; `global_batch` gives one batch
+  on the mesh, `batch` a copy on the host."""
 
-  on_mesh = True  # train.read_batch: the batch is made on the devices, in the main thread
+  on_mesh = True  # for train.py: the batch is made on the devices, in the main thread
 
   def __init__(self, c, lm=None, mesh=None):
     self.c = c
@@ -167,17 +169,37 @@ class LiveSource:
         f"the batch of step {step} found no finite stand-in for {int(bad.sum())} non-finite rows "
         f"in {_REPLACE_ATTEMPTS} tries (e.g. {replaced[0]}); most of the chunk is non-finite")
 
-  def global_batch(self, step: int, batch_size: int, skip_nonfinite: bool = False
-                   ) -> tuple[jax.Array, list[str]]:
-    """(the batch at `step` [B, W] laid out over the mesh, gathered on the devices; where the
-    non-finite rows it replaced were). Every process calls it for every step, in order."""
-    chunk, idx, replaced = self._rows(step, batch_size, skip_nonfinite)
-    return self._gather(chunk, chunk["pos"][idx]), replaced
+  def step_input(self, step: int, batch_size: int, skip_nonfinite: bool = False,
+                 in_flight=None) -> tuple[tuple, list[str]]:
+    """((the chunk's activations, the flat positions [B] of the batch at `step`): what a
+    `gathering` step gathers its batch from; where the non-finite rows it replaced were).
 
-  def _gather(self, chunk: dict, pos: np.ndarray) -> jax.Array:
-    pos_B = jax.make_array_from_process_local_data(
+    Every process calls it for every step, in order. Before a new chunk's LM pass (whose
+    collectives must not run beside a step's: on CPU two processes could interleave them
+    differently and deadlock) it waits for `in_flight`, the state of the step before."""
+    if step // self.c.data.live_chunk_steps != self._k and in_flight is not None:
+      jax.block_until_ready(in_flight)
+    chunk, idx, replaced = self._rows(step, batch_size, skip_nonfinite)
+    return (chunk["acts"], self._positions(chunk["pos"][idx])), replaced
+
+  def gathering(self, step_fn):
+    """A jitted step_fn(state, x) -> (state, metrics) as one program taking `step_input`'s
+    value instead of x: it gathers its batch from the chunk itself (the old state donated)."""
+    return jax.jit(lambda state, inp: step_fn(state, gather(self.mesh, *inp)),
+                   donate_argnums=0)
+
+  def global_batch(self, step: int, batch_size: int, skip_nonfinite: bool = False,
+                   in_flight=None) -> tuple[jax.Array, list[str]]:
+    """(the batch at `step` [B, W] laid out over the mesh, gathered on the devices once
+    `in_flight` is ready, and waited for; where the non-finite rows it replaced were). For
+    batches outside the training steps (export, histograms, tools)."""
+    jax.block_until_ready(in_flight)
+    inp, replaced = self.step_input(step, batch_size, skip_nonfinite)
+    return jax.block_until_ready(gather(self.mesh, *inp)), replaced
+
+  def _positions(self, pos: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(
         sharding.replicated(self.mesh), pos.astype(np.int32), pos.shape)
-    return gather(self.mesh, chunk["acts"], pos_B)
 
   def batch(self, step: int, batch_size: int, lo: int = 0, hi: int | None = None):
     """Rows [lo, hi) of the batch at `step`, copied to the host (for tools and tests)."""
@@ -206,7 +228,8 @@ class LiveSource:
                                "(data.norm_rows) are non-finite")
     pad = (-len(idx)) % self.mesh.shape["data"]  # the gather splits its rows over "data"
     pos = chunk["pos"][np.concatenate([idx, np.repeat(idx[-1:], pad)])]
-    x = np.asarray(sharding.to_host(self._gather(chunk, pos)))[:len(idx)]
+    x = np.asarray(sharding.to_host(gather(self.mesh, chunk["acts"], self._positions(pos))))
+    x = x[:len(idx)]
     # The same sum in the same order as a store's: all rows of a source of just these.
     return data.ActivationSource([x], self.names, seed=0).mean_sq_norm(len(x))
 

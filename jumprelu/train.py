@@ -257,13 +257,14 @@ def read_rows(c, source, mesh, step: int) -> tuple:
   return source.batch_skipping_nonfinite(step, c.train.batch_size, lo, hi)
 
 
-def read_batch(c, source, mesh, step: int) -> tuple[jax.Array, int]:
+def read_batch(c, source, mesh, step: int, in_flight=None) -> tuple:
   """(the batch at `step` laid out over the mesh, how many non-finite rows were replaced).
 
-  Every process reads its own rows of a store; a source on the mesh (live) gathers the batch on
-  the devices from activations already there."""
+  Every process reads its own rows of a store. For a source on the mesh (live) the batch is
+  what the step gathers its rows from on the devices (source.gathering), made once the state
+  `in_flight` is ready where the source needs the devices to itself (live.py)."""
   if getattr(source, "on_mesh", False):
-    x, replaced = source.global_batch(step, c.train.batch_size, c.data.skip_nonfinite)
+    x, replaced = source.step_input(step, c.train.batch_size, c.data.skip_nonfinite, in_flight)
   else:
     rows, replaced = read_rows(c, source, mesh, step)
     x = sharding.global_batch(mesh, rows, c.train.batch_size)
@@ -273,8 +274,11 @@ def read_batch(c, source, mesh, step: int) -> tuple[jax.Array, int]:
   return x, len(replaced)
 
 
-def global_batch(c, source, mesh, step: int) -> jax.Array:
-  """The batch at `step`, laid out over the mesh (every process reads its own rows)."""
+def global_batch(c, source, mesh, step: int, in_flight=None) -> jax.Array:
+  """The batch at `step`, laid out over the mesh (every process reads its own rows; a source on
+  the mesh gathers it once `in_flight` is ready)."""
+  if getattr(source, "on_mesh", False):
+    return source.global_batch(step, c.train.batch_size, c.data.skip_nonfinite, in_flight)[0]
   return read_batch(c, source, mesh, step)[0]
 
 
@@ -286,25 +290,29 @@ def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
   # train.step_impl="auto" becomes the step this platform runs best (logged with why)
   step_fn = jit_train_step(aot.resolve_step_impl(c, mesh.devices.flat[0].platform), mesh,
                            shardings)
+  on_mesh = getattr(source, "on_mesh", False)
+  if on_mesh:  # live: every step one program that gathers its batch on the devices
+    step_fn = source.gathering(step_fn)
   start, num_steps = int(state.step), c.train.num_steps
 
-  to_devices = lambda step: read_batch(c, source, mesh, step)
+  to_devices = lambda step: read_batch(c, source, mesh, step, in_flight=state)
   log_every = c.train.log_every
   # Rows replaced since the last metrics line; a resumed run recounts the steps it skips over.
   replaced_since_log = sum(to_devices(s)[1] for s in range(
       start - start % log_every, start)) if c.data.skip_nonfinite else 0
   last, pending, saving = {}, None, False
   preempted, stop_listening = workdir_lib.preemption_notice()
-  # A source on the mesh runs collectives (the LM's chunk, the gather): in this thread, so that
-  # every process dispatches them in the same order as the steps. Stores prefetch on a thread.
+  # A source on the mesh runs collectives (the LM's chunk): in this thread, so that every
+  # process dispatches them in the same order as the steps. Stores prefetch on a thread.
   batches = data.Prefetch(to_devices, range(start, num_steps),
-                          0 if getattr(source, "on_mesh", False) else c.train.prefetch)
+                          0 if on_mesh else c.train.prefetch)
   try:
     for step in range(start, num_steps):
       x, replaced = next(batches)
       state, metrics = step_fn(state, x)
       if c.log.histogram_every and (step + 1) % c.log.histogram_every == 0:
-        writer.histograms(step + 1, _histograms(c, members, state, x))
+        writer.histograms(step + 1, _histograms(c, members, state, global_batch(
+            c, source, mesh, step, in_flight=state) if on_mesh else x))
       if pending is not None:
         last = _record(c, writer, members, *pending)
       replaced_since_log += replaced
