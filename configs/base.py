@@ -79,7 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.bandwidth = 0.001  # STE kernel bandwidth ε (tuned for normalised inputs)
   c.sae.kernel = "rectangle"  # KDE kernel of the pseudo-derivative: rectangle|triangle|gaussian
   c.sae.threshold_init = 0.001  # initial θ for every feature
-  c.sae.threshold_param = "log"  # train θ through its log ("log") or directly ("raw")
+  # Train θ directly ("raw", as SAELens ≥ 6.48 and dictionary_learning do) or through its log
+  # ("log", the paper's pseudo-code). Under Adam log θ moves by ~lr·θ per step and θ by ~lr: in
+  # the 1,500-step default job λ 3e-4…3e-3 takes L0 from 125 to 11 with θ, and λ 1e-4…1e-2 only
+  # from 22 to 8.5 with log θ (scripts/steer_l0.py, docs/reproduction.md).
+  c.sae.threshold_param = "raw"
   # Recovery-gap ablations and the per-feature bandwidth (scripts/ablate.py, bandwidth.py):
   # "unit": decoder rows renormalised after every step, gradient parallel to them removed (the
   # recipe); "free": neither (decoder norms learn)
@@ -100,7 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   # jumprelu: "l0" (λ·L0, the paper's) | "target_l0" (λ·(L0/target − 1)², Gemma Scope 2) | "tanh"
   # (λ·Σ tanh(c·f·‖W_dec‖), Anthropic's January 2025 update); see jumprelu/objectives.py
   c.sae.sparsity_loss = "l0"
-  c.sae.target_l0 = 32.0  # jumprelu, sparsity_loss="target_l0": the L0 its quadratic penalty seeks
+  # jumprelu, sparsity_loss="target_l0": the L0 its quadratic penalty seeks. Set λ to ~1 with it:
+  # λ = 1 lands within 4% of targets 20–100 on the default job; "l0"'s 1e-3 barely pulls.
+  c.sae.target_l0 = 32.0
   c.sae.tanh_scale = 4.0  # jumprelu, sparsity_loss="tanh": c in tanh(c·f·‖W_dec‖) (Anthropic: 4)
   c.sae.pre_act_coefficient = 0.0  # jumprelu: λ_P of Anthropic's pre-activation loss (0: off; 3e-6)
   c.sae.frequency_coefficient = 0.0  # jumprelu: μ of the high-frequency penalty (0: off)

@@ -26,10 +26,10 @@ def get_config(arg: str = "jumprelu"):
   c.sae.arch = "jumprelu" if arg == "eps" else arg
   c.sae.width = 1024
   c.sae.sparsity_coefficient = 1e-3
-  # θ trained directly: under Adam log θ moves by ~learning_rate per step, so in 1,000 steps θ
-  # hardly leaves its init and λ barely changes L0 (log θ: λ 1e-4 to 3e-3 ended at L0 25.7 to
-  # 18.4; θ itself: λ 1e-4 to 1e-2 gave L0 249 to 20 in 400 steps). Gemma Scope's runs are 100×
-  # longer.
+  # θ trained directly (base.py's default too, said here as the comparison was run with it):
+  # under Adam log θ moves by ~learning_rate·θ per step, so in 1,000 steps it hardly leaves its
+  # init and λ barely changes L0 (log θ: λ 1e-4 to 3e-3 ended at L0 25.7 to 18.4; θ itself:
+  # λ 1e-4 to 1e-2 gave L0 249 to 20 in 400 steps).
   if c.sae.arch == "jumprelu":
     c.sae.threshold_param = "raw"
   c.sae.k_aux = 256  # Gao et al.'s 512 is half this dictionary
