@@ -10,9 +10,10 @@ ensemble into WORKDIR/RUN: a λ grid with the paper's L0 objective, or a grid of
 quadratic target-L0 objective (λ = 1), with θ trained directly (raw_*), through its log (log_*),
 or through its log with θ's updates scaled ×20 (log_lr20_*, optim.threshold_lr_scale). Every
 member is then scored with the SAE spliced into the LM on the job's held-out contexts. Prints,
-per member, the training L0 (mean of the last three logged batches) and the held-out L0, FVU and
-delta LM loss, then how far each grid spans and how far each target's held-out L0 lands from it;
-a rerun reuses finished runs (and only reprints them).
+per member, the training L0 (mean of the last three logged batches) and the held-out L0, FVU,
+delta LM loss and fraction of features that never fire there, then how far each grid spans and
+how far each target's held-out L0 lands from it; a rerun reuses finished runs (and only reprints
+them).
 """
 import argparse
 import json
@@ -84,8 +85,8 @@ def main():
                      "--workdir=runs/smollm2) or pass its store")
   logging.set_verbosity(logging.WARNING)
   print(f"{args.steps} steps of 512 per SAE, width 2048; held-out: the job's eval contexts")
-  print(f"{'run':<26} {'member':<10} {'L0 train':>9} {'L0 eval':>8} {'FVU':>6} {'ΔLM':>6} "
-        f"{'vs target':>9}")
+  print(f"{'run':<16} {'member':<10} {'L0 train':>9} {'L0 eval':>8} {'FVU':>6} {'ΔLM':>6} "
+        f"{'dead':>6} {'vs target':>9}")
   spans, misses, train_s = {}, {}, {}
   for name in names:
     c = config(name, args.store, args.steps)
@@ -105,8 +106,9 @@ def main():
       if c.sae.sparsity_loss == "target_l0":
         misses.setdefault(name, []).append(l0 / hp["target_l0"] - 1)
         miss = f"{100 * misses[name][-1]:+8.1f}%"
-      print(f"{name:<26} {member:<10} {train_l0(sweep.member_dir(wdir, member)):9.1f} "
-            f"{l0:8.1f} {ev['fvu']:6.3f} {ev['delta_lm_loss']:6.3f} {miss:>9}", flush=True)
+      print(f"{name:<16} {member:<10} {train_l0(sweep.member_dir(wdir, member)):9.1f} "
+            f"{l0:8.1f} {ev['fvu']:6.3f} {ev['delta_lm_loss']:6.3f} "
+            f"{100 * ev['frac_features_dead_on_eval']:5.1f}% {miss:>9}", flush=True)
     spans[name] = (min(l0s), max(l0s))
   print()
   for name, (lo, hi) in spans.items():
