@@ -40,12 +40,15 @@ VARIANTS = {
     "eps_0.1": {"sae.bandwidth": 0.1},
     "adaptive_eps": {"sae.bandwidth_rule": "adaptive"},
     "theta_lr_x10": {"optim.threshold_lr_scale": 10.0},
+    "no_lambda_warmup": {"optim.sparsity_warmup_steps": 0},
     "free_decoder": {"sae.decoder_norm": "free"},
     "grad_clip_1": {"optim.grad_clip": 1.0},
     "no_pre_relu": {"sae.pre_relu": False},
     "raw_theta": {"sae.threshold_param": "raw"},
     "theta0_0.01": {"sae.threshold_init": 0.01},
     "theta0_0.3": {"sae.threshold_init": 0.3},
+    "theta0_0.3_raw": {"sae.threshold_init": 0.3, "sae.threshold_param": "raw"},
+    "theta0_0.3_theta_lr_x10": {"sae.threshold_init": 0.3, "optim.threshold_lr_scale": 10.0},
     "lr_3e-4": {"optim.learning_rate": 3e-4},
     "lr_3e-3": {"optim.learning_rate": 3e-3},
     "eps_0.003": {"sae.bandwidth": 0.003},
@@ -166,8 +169,14 @@ def _row(r: dict, true_l0: float) -> str:
 
 
 def _source(c):
-  from jumprelu import run
-  return run.make_source(c)
+  """The training rows of c's synthetic data in run.make_source's order (same seed, same
+  batches), without importing the whole pipeline."""
+  s = c.data.synthetic
+  x, true_GxD, facts = data.synthetic(s.n_rows, c.data.d_in, s.n_features, s.mean_l0,
+                                      seed=s.seed, noise_std=s.noise_std,
+                                      freq_exponent=s.freq_exponent,
+                                      magnitude_sigma=s.magnitude_sigma)
+  return data.ActivationSource([x], ["synthetic"], seed=c.seed), facts
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from configs import synthetic_hard  # noqa: E402
-from jumprelu import arch, data, export, run, sweep  # noqa: E402
+from jumprelu import arch, data, export, sweep  # noqa: E402
 
 HELD_OUT = 65536  # rows after the training rows (data.synthetic yields the same prefix)
 THRESHOLD = 0.9  # a true feature counts as recovered above this best cosine
@@ -113,6 +113,7 @@ def main():
   if unknown:
     p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
 
+  from jumprelu import run  # here: scripts/ablate.py imports this module without the pipeline
   x, true_GxD, true_l0 = held_out(method_config(names[0], args))
   lines = []
   for name in names:
