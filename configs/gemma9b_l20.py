@@ -1,12 +1,14 @@
 """Gemma 2 9B, layer 20 residual stream, 131k-wide JumpReLU SAE: the full Gemma Scope recipe.
 
 Point lm.model_path at a local Hugging Face checkpoint directory of google/gemma-2-9b; the job
-harvests activations there, then trains:
+harvests activations from The Pile (text.source="hf", needs `pip install datasets` and the hub)
+into a bfloat16 store (57 TB for 8B tokens), then trains and evaluates:
   python experiments/train.py --config=configs/gemma9b_l20.py --workdir=DIR \\
-      --config.lm.model_path=/path/to/gemma-2-9b --config.text.source=hf \\
-      --config.text.path=monology/pile-uncopyrighted
+      --config.lm.model_path=/path/to/gemma-2-9b
 To train on activations harvested elsewhere: --config.data.source=npy --config.data.path=STORE.
-Check the per-device memory first (reads only config.json): add --dry_run.
+Check the per-device memory first (reads only config.json): add --dry_run; every program
+compiled for a TPU topology: scripts/aot_tpu.py --config=configs/gemma9b_l20.py --topology=v5e:2x4
+--config.lm.model_path=tests/data/gemma2_9b (BENCHMARKS.md: all fit a v5e's 16 GiB).
 """
 from ml_collections import config_dict
 

@@ -4,6 +4,7 @@ The state is built abstractly (eval_shape), laid out by sharding.py, and the jit
 lowered and compiled for those shapes; XLA's memory analysis then gives what each device holds
 (arguments: params, optimiser state, batch; temporaries: one step's activations).
 """
+import glob
 import os
 
 import jax
@@ -71,6 +72,22 @@ def lm_bytes_per_device(cfg, model_size: int, dtype) -> int:
   return sum(jax.tree.leaves(shards)) * jnp.dtype(dtype).itemsize  # jnp: knows bfloat16
 
 
+def text_supply(c) -> str:
+  """The text tokens the run reads (harvest, then evaluation past eval.skip_contexts) against
+  what text.source holds, where that is known without tokenizing it."""
+  L = c.lm.context_len
+  need = max(c.harvest.num_tokens if c.data.source == "harvest" else 0,
+             (c.eval.skip_contexts + c.eval.num_contexts) * L)
+  line = f"text: the run reads up to {need / 1e9:.3g}B tokens; text.source={c.text.source!r} "
+  if c.text.source == "hf":
+    return line + f"streams {c.text.path!r} from the hub (its size is not known offline)"
+  if c.text.source == "files":
+    paths = glob.glob(c.text.path, recursive=True)
+    size = sum(os.path.getsize(p) for p in paths)
+    return line + f"holds {len(paths)} files, {size / 1e9:.3g} GB of text"
+  return line + "is the standard library's docstrings (offline, small: a demo source)"
+
+
 def dry_run(c) -> str:
   """What a run of config `c` would hold, built abstractly: the LM (from lm.model_path's
   config.json, when it is a checkpoint directory) and the SAE train step per device."""
@@ -91,6 +108,8 @@ def dry_run(c) -> str:
   else:
     lines.append("LM: no checkpoint directory with a config.json at lm.model_path "
                  f"({c.lm.model_path!r}); SAE only")
+  if c.data.source in ("harvest", "live") or c.eval.num_contexts:
+    lines.append(text_supply(c))
   n = len(sweep.grid(c))
   lines.append(f"SAE train step ({c.sae.arch}{f', a sweep of {n} SAEs' if n else ''}), "
                f"B={c.train.batch_size} D={c.data.d_in} F={c.sae.width}, per device:")
