@@ -144,7 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.dead_window_tokens = 10_000_000
   c.train.overwrite = False  # delete a run of another config found in --workdir (else refuse)
   # "dense" | "sparse" (sparse.py): same gradients, faster at low L0 on CPU | "auto": sparse on CPU,
-  # dense elsewhere (the sparse step does not compile on TPU in time; aot.choose_step_impl)
+  # dense elsewhere (the sparse step does not compile on TPU in time; sparse.choose_step_impl)
   c.train.step_impl = "dense"
   c.train.sparse_capacity = 0.02  # sparse step: room for this fraction of B×F entries, else dense
   c.train.matmul_dtype = "float32"  # "float32" | "bfloat16" matmul inputs (fp32 accumulation)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jumprelu import arch, live, sharding, spliced, sweep, train
+from jumprelu import arch, live, sharding, sparse, spliced, sweep, train
 from jumprelu.lm import load, model, shard
 
 GiB = 2.0**30
@@ -76,46 +76,6 @@ def chip(devices) -> dict:
   peak, hbm = CHIPS[kind]
   return {"kind": kind, "hbm": hbm / per_chip, "peak": peak / per_chip,
           "devices_per_chip": per_chip}
-
-
-# ----------------------------------------------------------------------------- step choice
-
-def choose_step_impl(c, platform: str) -> tuple[str, str]:
-  """(the step train.step_impl="auto" runs on `platform`, why). Any other value is kept.
-
-  The rule, not a compile probe (scripts/aot_tpu.py --probe_sparse_s compiles the sparse step
-  under a time limit): the sparse step is 2.3–3.0× faster than the dense one on CPU at L0 = 1%
-  of F (README, scripts/bench.py), but XLA's TPU compile of it at 131k wide did not finish in
-  25 minutes (14 GiB of host RAM, v4) and on GPU it is unmeasured, so elsewhere dense."""
-  impl = c.train.step_impl
-  if impl != "auto":
-    return impl, f"train.step_impl={impl!r}"
-  if c.sae.arch != "jumprelu" or sweep.is_sweep(c) or not _paper_loss(c):
-    return "dense", ("the sparse step is the single JumpReLU SAE's with the paper's loss "
-                     f"(sae.arch={c.sae.arch!r}, sweep={sweep.is_sweep(c)})")
-  if platform == "cpu":
-    return "sparse", "on CPU the sparse step is 2.3–3.0× faster than dense at L0 = 1% of F"
-  return "dense", (f"on {platform} the sparse step's compile did not finish in 25 minutes at "
-                   "131k wide (v4); the dense step compiles in ~20 s")
-
-
-def _paper_loss(c) -> bool:
-  from jumprelu import objectives
-  return objectives.uses_paper_loss(c)
-
-
-def resolve_step_impl(c, platform: str):
-  """c with train.step_impl="auto" replaced by choose_step_impl's choice (c itself otherwise);
-  logs the choice and why."""
-  if c.train.step_impl != "auto":
-    return c
-  from absl import logging
-  impl, why = choose_step_impl(c, platform)
-  logging.info("train.step_impl=auto: the %s step (%s)", impl, why)
-  c = c.copy_and_resolve_references()
-  with c.unlocked():
-    c.train.step_impl = impl
-  return c
 
 
 # ----------------------------------------------------------------------------- the LM
@@ -167,7 +127,7 @@ def _sweep_config(c, n: int):
 def programs(c, devices, sweep_n: int = 0, with_live: bool | None = None) -> list[dict]:
   """[{name, lower: () -> Lowered, flops: ideal FLOPs, devices: how many run it, note}]."""
   platform = devices[0].platform
-  c = resolve_step_impl(c, platform)
+  c = sparse.resolve_step_impl(c, platform)
   out = []
   # Evaluation needs the LM: harvest and live runs, or a store whose LM lm.model_path names.
   evaluates = c.eval.num_contexts > 0 and (c.data.source in ("harvest", "live") or (

@@ -35,10 +35,11 @@ rows, F = 5 features: row 0 has features 1, 3; row 1 has 0, 1, 4; row 2 has 3.
 """
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax import lax
 from jax.experimental import sparse as jsparse
 
-from jumprelu import ops, sae
+from jumprelu import objectives, ops, sae, sweep
 
 _BITS = 32
 _SDDMM_CHUNK = 1024  # list entries per gathered block of ∂f (2048 and 4096 measured slower)
@@ -318,3 +319,39 @@ def _sddmm(a_RxD, b_CxD, row_N, col_N, count):
   out_KxC = lax.fori_loop(0, (count + chunk - 1) // chunk, block,
                           jnp.zeros(row_KxC.shape, a_RxD.dtype))
   return out_KxC.reshape(-1)[:n]
+
+
+# ----------------------------------------------------------------------------- where it runs
+
+def choose_step_impl(c, platform: str) -> tuple[str, str]:
+  """(the step train.step_impl="auto" runs on `platform`, why). Any other value is kept.
+
+  A rule, not a compile probe (scripts/aot_tpu.py --probe_sparse_s is one): this step is
+  2.3–3.0× faster than the dense one on CPU at L0 = 1% of F (BENCHMARKS.md), but XLA's TPU
+  compile of it at 131k wide had not finished after 25 minutes (14 GiB of host RAM, v4), and on
+  GPU it is unmeasured; so dense there."""
+  impl = c.train.step_impl
+  if impl != "auto":
+    return impl, f"train.step_impl={impl!r}"
+  if c.sae.arch != "jumprelu" or sweep.is_sweep(c) or not objectives.uses_paper_loss(c):
+    return "dense", ("this step is the single JumpReLU SAE's with the paper's loss only "
+                     f"(sae.arch={c.sae.arch!r}, a sweep: {sweep.is_sweep(c)})")
+  if platform == "cpu":
+    return "sparse", "on CPU it is 2.3–3.0× faster than the dense step at L0 = 1% of F"
+  if platform == "tpu":
+    return "dense", ("on TPU the sparse step's compile had not finished after 25 minutes at "
+                     "131k wide (v4); the dense one compiles in ~20 s")
+  return "dense", f"the sparse step is unmeasured on {platform}"
+
+
+def resolve_step_impl(c, platform: str):
+  """c with train.step_impl="auto" replaced by choose_step_impl's choice (c itself otherwise),
+  the choice and why logged."""
+  if c.train.step_impl != "auto":
+    return c
+  impl, why = choose_step_impl(c, platform)
+  logging.info("train.step_impl=auto: the %s step (%s)", impl, why)
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.train.step_impl = impl
+  return c

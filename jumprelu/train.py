@@ -9,7 +9,7 @@ from absl import logging
 from flax import struct
 
 from jumprelu import arch, bandwidth, baselines, checkpoint, data, features, logs, sae, sharding
-from jumprelu import sweep
+from jumprelu import sparse, sweep
 from jumprelu import workdir as workdir_lib
 
 
@@ -286,9 +286,8 @@ def _loop(c, workdir, mesh, source, state, shardings, mngr, writer, members):
   """Steps to train.num_steps. Step s+1 is dispatched before step s's metrics are read, so the
   host never waits on the device between steps; a checkpoint is saved only after its loss was
   checked."""
-  from jumprelu import aot  # aot imports this module
   # train.step_impl="auto" becomes the step this platform runs best (logged with why)
-  step_fn = jit_train_step(aot.resolve_step_impl(c, mesh.devices.flat[0].platform), mesh,
+  step_fn = jit_train_step(sparse.resolve_step_impl(c, mesh.devices.flat[0].platform), mesh,
                            shardings)
   on_mesh = getattr(source, "on_mesh", False)
   if on_mesh:  # live: every step one program that gathers its batch on the devices

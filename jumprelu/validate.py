@@ -12,7 +12,7 @@ from configs import base
 from jumprelu import arch, bandwidth, data, objectives, ops, sae, storage, sweep
 
 DATA_SOURCES = ("npy", "harvest", "live", "synthetic")
-STEP_IMPLS = ("dense", "sparse", "auto")  # auto: aot.choose_step_impl, per platform
+STEP_IMPLS = ("dense", "sparse", "auto")  # auto: sparse.choose_step_impl, per platform
 TEXT_SOURCES = ("stdlib", "files", "hf")
 
 

@@ -70,3 +70,22 @@ def test_every_program_compiles_for_a_v5e_topology(tmp_path):
   top = max(r["total"] for r in rows) / 2**30
   assert lines[-1] == f"max_device_GiB={top:.3f} hbm_GiB=16.0 fits=True"
   assert all(not math.isnan(r["cost_model_s"]) for r in rows)
+
+
+def test_auto_step_picks_per_platform():
+  from jumprelu import sparse
+  from tests.conftest import tiny
+  c = tiny(**{"train.step_impl": "auto"})
+  assert sparse.choose_step_impl(c, "cpu")[0] == "sparse"
+  impl, why = sparse.choose_step_impl(c, "tpu")
+  assert impl == "dense" and "25 minutes" in why
+  assert sparse.choose_step_impl(c, "gpu")[0] == "dense"
+  # only the single JumpReLU SAE with the paper's loss has a sparse step
+  assert sparse.choose_step_impl(tiny(**{"train.step_impl": "auto", "sae.arch": "topk"}),
+                                 "cpu")[0] == "dense"
+  swept = tiny(**{"train.step_impl": "auto", "sweep.sparsity_coefficient": (1e-3, 2e-3)})
+  assert sparse.choose_step_impl(swept, "cpu")[0] == "dense"
+  # a set value is kept; "auto" is replaced in a copy, the config itself untouched
+  assert sparse.choose_step_impl(tiny(**{"train.step_impl": "dense"}), "cpu")[0] == "dense"
+  resolved = sparse.resolve_step_impl(c, "tpu")
+  assert resolved.train.step_impl == "dense" and c.train.step_impl == "auto"
