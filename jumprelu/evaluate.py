@@ -205,7 +205,7 @@ def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
                        f"got {rc.lm.site!r} vs {c.lm.site!r}")
   params_paths = params_paths or [os.path.join(d, "export", "params.npz") for _, d in runs]
   describe = describe or [True] * len(runs)
-  _wait_for_all("jumprelu_evaluate_runs")  # every process reads the exports process 0 wrote
+  sharding.wait_for_all("jumprelu_evaluate_runs")  # all read the exports process 0 wrote
   lm = lm_act.load_lm(c)
   contexts = held_out_contexts(
       c, lm[1], lm[2], max(workdir_lib.contexts_used(rc, rdir) for rc, rdir in runs))
@@ -231,24 +231,6 @@ def evaluate_runs(runs, params_paths=None, describe=None) -> list[dict]:
       logging.info("evaluation of %s on %d held-out tokens at %s:\n%s", rdir, result["tokens"],
                    rc.lm.site, spliced.table(result))
   return results
-
-
-def _wait_for_all(name: str) -> None:
-  """Waits until every process of a multi-process job reaches this point: at the coordination
-  service's barrier, not a device collective (on CPU, gloo waits only ~30 s for the peers of a
-  collective's first run)."""
-  if jax.process_count() == 1:
-    return
-  from jax._src import distributed  # the coordination service's client
-  client = distributed.global_state.client
-  if client is None:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-  else:
-    client.wait_at_barrier(f"{name}_{next(_barriers)}", 3600 * 1000)  # a sweep's exports
-
-
-_barriers = itertools.count()  # a barrier's name is used once
 
 
 def _half_window(c, workdir: str) -> float:

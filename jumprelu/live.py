@@ -126,6 +126,7 @@ class LiveSource:
       if not len(pos):
         raise ValueError(f"live chunk {k} (contexts {k * count}..{(k + 1) * count - 1}) holds no "
                          "ordinary token; raise data.live_chunk_contexts or lm.context_len")
+      sharding.wait_for_all("jumprelu_live_chunk")  # the processes' LM passes end unevenly
       finite_CxL = sharding.to_host(_finite_rows(acts))  # every process: all of the chunk's rows
       self._chunk = {"acts": acts, "pos": pos, "finite": np.asarray(finite_CxL).ravel()[pos],
                      "n": len(pos), "seed": (self.c.seed * 1_000_003 + k) % 2**63,
@@ -184,9 +185,17 @@ class LiveSource:
 
   def gathering(self, step_fn):
     """A jitted step_fn(state, x) -> (state, metrics) as one program taking `step_input`'s
-    value instead of x: it gathers its batch from the chunk itself (the old state donated)."""
-    return jax.jit(lambda state, inp: step_fn(state, gather(self.mesh, *inp)),
-                   donate_argnums=0)
+    value instead of x: it gathers its batch from the chunk itself (the old state donated).
+    Compiled at its first call, which every process then starts together."""
+    fn = jax.jit(lambda state, inp: step_fn(state, gather(self.mesh, *inp)), donate_argnums=0)
+    compiled = []
+
+    def run(state, inp):
+      if not compiled:  # every process compiles it first, then all start it together
+        compiled.append(fn.lower(state, inp).compile())
+        sharding.wait_for_all("jumprelu_live_step")
+      return compiled[0](state, inp)
+    return run
 
   def global_batch(self, step: int, batch_size: int, skip_nonfinite: bool = False,
                    in_flight=None) -> tuple[jax.Array, list[str]]:

@@ -3,6 +3,8 @@
 The dictionary (F) is split across "model" (tensor parallel, for wide SAEs); the batch is split
 across "data". Optimiser state and per-feature statistics follow their feature axis.
 """
+import itertools
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -126,6 +128,23 @@ def to_host(tree):
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
+
+
+_barriers = itertools.count()  # every process passes the same barriers in the same order
+
+
+def wait_for_all(name: str) -> None:
+  """Waits until every process reaches this point, at the coordination service (no device
+  collective): before a collective that follows uneven work. On CPU, gloo gives up on a peer
+  that is ~30 s late ("Read timeout")."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination service's client
+  client = distributed.global_state.client
+  if client is None:
+    multihost_utils.sync_global_devices(name)
+  else:
+    client.wait_at_barrier(f"{name}_{next(_barriers)}", 24 * 3600 * 1000)
 
 
 # ---------------------------------------------------------------------------------------------

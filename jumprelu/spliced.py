@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jumprelu import arch as arch_lib
-from jumprelu import logs, sae
+from jumprelu import logs, sae, sharding
 from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 
@@ -127,6 +127,7 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
     bar.update(min(start + batch, n) - bar.n)
   bar.close()
   if jax.process_count() > 1:  # [processes, ...] in process order, summed
+    sharding.wait_for_all("jumprelu_evaluate_sums")
     totals = [jax.tree.map(lambda a: np.sum(a, axis=0), multihost_utils.process_allgather(t))
               for t in totals]
   results = []
