@@ -12,7 +12,8 @@ def get_config():
   c.sae.width = 256
   c.sae.sparsity_coefficient = 0.02
   # At D=64 a feature's normalised pre-activation is ~0.3, far above the recipe's θ=0.001 (tuned
-  # for D in the thousands); log θ moves ~lr per Adam step, so start near the right scale.
+  # for D in the thousands): start near it (from 0.001 at lr 1e-3, θ itself needs ~300 Adam
+  # steps to get there, log θ ~6,000).
   c.sae.threshold_init = 0.1
   c.optim.learning_rate = 1e-3  # a small model on clean data tolerates a larger step
   c.optim.lr_warmup_steps = 100
