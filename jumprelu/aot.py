@@ -30,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jumprelu import arch, live, sharding, sparse, spliced, sweep, train
 from jumprelu.lm import load, model, shard
@@ -94,11 +94,6 @@ def lm_flops(cfg, tokens: int, layers: int, unembed: bool) -> float:
   q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
   per_layer = 2 * cfg.d_model * q + 2 * cfg.d_model * kv + 3 * cfg.d_model * cfg.d_ff
   return 2.0 * tokens * (layers * per_layer + (cfg.vocab_size * cfg.d_model if unembed else 0))
-
-
-def lm_bytes_per_device(cfg, mesh: Mesh, dtype) -> int:
-  """Bytes of LM params each device holds (the first device's shard)."""
-  return sum(_shard_bytes(a) for a in jax.tree.leaves(shard.abstract_params(cfg, mesh, dtype)))
 
 
 def _shard_bytes(a) -> int:
