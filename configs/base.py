@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_contexts = 32  # held-out contexts for delta LM loss (0: no evaluation)
   c.eval.skip_contexts = 2000  # first held-out context in the packed text: past training's
+  # text.source="hf" only: take the held-out contexts from this split of the dataset instead
+  # (e.g. "validation"), from its eval.skip_contexts-th context; "": the training text itself
+  c.eval.split = ""
   # contexts per evaluation forward, per process (each process scores its share of the contexts;
   # the logits [B, L, V] are float32)
   c.eval.batch_contexts = 8

@@ -69,10 +69,11 @@ def check_inputs(c, workdir: str) -> bool:
                      f"{c.lm.model_parallel}); set it to a multiple of {lm_data}, or raise "
                      "lm.model_parallel")
   first, stop = c.eval.skip_contexts, c.eval.skip_contexts + c.eval.num_contexts
-  used, who = _training_contexts(c, workdir)
+  used, who = _training_contexts(c, workdir) if not c.eval.split else (0, "")
   if used is not None and first < used:
     raise ValueError(_overlap(c, used, who))
-  if used is None:  # a harvest to come; no context holds more than L − 1 − skip_positions rows
+  if used is None and not c.eval.split:  # a harvest to come: no context holds more than
+    # L − 1 − skip_positions rows
     least = -(-c.harvest.num_tokens // (c.lm.context_len - 1 - c.lm.skip_positions))
     if first < least:
       raise ValueError(_overlap(c, least, f"the harvest (harvest.num_tokens="
@@ -84,6 +85,10 @@ def check_inputs(c, workdir: str) -> bool:
     return True
   _, cfg, tokenizer, _ = lm_act.load_lm(c)
   held, kept = _scan_text(c, cfg, tokenizer)
+  if c.eval.split:  # another split: nothing training reads can overlap it
+    if len(held) < c.eval.num_contexts:
+      raise ValueError(_too_short(c, len(kept), None, ""))
+    return True
   if used is None:  # a harvest to come: it reads contexts until it has harvest.num_tokens
     used, who = _harvest_contexts(c, kept), "the harvest (harvest.num_tokens="
     who += f"{c.harvest.num_tokens}) reads"
@@ -95,7 +100,10 @@ def check_inputs(c, workdir: str) -> bool:
 
 
 def held_out_contexts(c, cfg, tokenizer, harvested_contexts: int | None = None) -> np.ndarray:
-  """eval.num_contexts contexts from eval.skip_contexts on, in the packed text stream."""
+  """eval.num_contexts contexts from eval.skip_contexts on, in the packed text stream (of the
+  dataset split eval.split when it is set; then training's contexts cannot overlap them)."""
+  if c.eval.split:
+    harvested_contexts = None
   if harvested_contexts is not None and c.eval.skip_contexts < harvested_contexts:
     raise ValueError(_overlap(c, harvested_contexts, "training read"))
   held, kept = _scan_text(c, cfg, tokenizer)
@@ -104,16 +112,28 @@ def held_out_contexts(c, cfg, tokenizer, harvested_contexts: int | None = None) 
   return held
 
 
+def _eval_text(c):
+  """The config whose text.* names the held-out text: text.split replaced by eval.split."""
+  if not c.eval.split:
+    return c
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.text.split = c.eval.split
+  return c
+
+
 def _scan_text(c, cfg, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """(the held-out contexts [≤ eval.num_contexts, L], the kept-token count of every context the
   text yields up to their end); fewer when the text ends first."""
   first, stop = c.eval.skip_contexts, c.eval.skip_contexts + c.eval.num_contexts
+  split = c.eval.split or c.text.split
   key = (id(tokenizer), cfg.bos_id, cfg.eos_id, cfg.pad_id, c.lm.skip_positions,
-         c.lm.context_len, c.text.source, c.text.path, c.text.field, c.text.split, first, stop)
+         c.lm.context_len, c.text.source, c.text.path, c.text.field, split, first, stop)
   if _SCAN.get("key") != key or _SCAN.get("tokenizer") is not tokenizer:
     held, kept = [], np.zeros(stop, np.int32)
     n = 0
-    for n, tokens in enumerate(itertools.islice(lm_act.contexts(c, cfg, tokenizer), stop), 1):
+    for n, tokens in enumerate(itertools.islice(lm_act.contexts(_eval_text(c), cfg, tokenizer),
+                                                stop), 1):
       kept[n - 1] = np.count_nonzero(lm_act.keep_mask(cfg, tokens[None], c.lm.skip_positions))
       if n > first:
         held.append(tokens)

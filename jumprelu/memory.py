@@ -76,9 +76,14 @@ def text_supply(c) -> str:
   """The text tokens the run reads (harvest, then evaluation past eval.skip_contexts) against
   what text.source holds, where that is known without tokenizing it."""
   L = c.lm.context_len
-  need = max(c.harvest.num_tokens if c.data.source == "harvest" else 0,
-             (c.eval.skip_contexts + c.eval.num_contexts) * L)
-  line = f"text: the run reads up to {need / 1e9:.3g}B tokens; text.source={c.text.source!r} "
+  train = c.harvest.num_tokens if c.data.source == "harvest" else 0
+  held = (c.eval.skip_contexts + c.eval.num_contexts) * L
+  if c.eval.split:
+    line = (f"text: the run reads up to {train / 1e9:.3g}B tokens of split {c.text.split!r} and "
+            f"{held / 1e6:.3g}M of eval.split {c.eval.split!r}; text.source={c.text.source!r} ")
+  else:
+    line = (f"text: the run reads up to {max(train, held) / 1e9:.3g}B tokens; "
+            f"text.source={c.text.source!r} ")
   if c.text.source == "hf":
     return line + f"streams {c.text.path!r} from the hub (its size is not known offline)"
   if c.text.source == "files":

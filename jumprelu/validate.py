@@ -151,6 +151,9 @@ def check_config(c) -> None:
   need(c.eval.num_contexts >= 0, "eval.num_contexts", ">= 0 (0: no evaluation with the LM)")
   need(c.eval.skip_contexts >= 0, "eval.skip_contexts", ">= 0")
   need(c.eval.batch_contexts >= 1, "eval.batch_contexts", ">= 1")
+  need(not c.eval.split or c.text.source == "hf", "eval.split",
+       f"'' unless text.source='hf' (it names a split of that dataset; text.source is "
+       f"{c.text.source!r})")
   reads_text = c.data.source in ("harvest", "live") or (
       c.data.source == "npy" and c.eval.num_contexts > 0)
   need(not reads_text or c.text.source != "hf" or importlib.util.find_spec("datasets")

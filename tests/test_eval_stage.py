@@ -212,3 +212,25 @@ def test_training_logs_the_threshold_in_raw_units(tmp_path):
   assert first["step"] == 1 and summary["norm_scale"] > 1.1
   assert first["threshold_mean"] == pytest.approx(c.sae.threshold_init * summary["norm_scale"],
                                                   rel=1e-5)
+
+
+def test_eval_split_holds_out_another_split_of_the_dataset(tmp_path, model_dir):
+  """eval.split reads the held-out contexts from that split's start: no skipping past what
+  training reads (a pod run would otherwise tokenise its whole training text first)."""
+  words = open(os.path.join(REPO, "README.md")).read().split()
+  dataset = tmp_path / "ds"
+  dataset.mkdir()
+  for split, lo in (("train", 0), ("validation", 5000)):
+    files.save_jsonl(str(dataset / f"{split}.jsonl"),
+                     [{"text": " ".join(words[lo + 40 * i:lo + 40 * (i + 1)])} for i in range(60)])
+  c = config(model_dir, **{"text.source": "hf", "text.path": str(dataset),
+                           "eval.split": "validation", "eval.skip_contexts": 0,
+                           "eval.num_contexts": 3})
+  _, cfg, tokenizer, _ = tiny_lm()
+  assert evaluate.check_inputs(c, str(tmp_path / "run"))  # skip 0 is no overlap here
+  held = evaluate.held_out_contexts(c, cfg, tokenizer, harvested_contexts=50)
+  docs = [json.loads(line)["text"] for line in open(dataset / "validation.jsonl")]
+  want = list(lm_act.text.pack(iter(docs), tokenizer, 16, cfg.bos_id, cfg.eos_id))[:3]
+  np.testing.assert_array_equal(held, np.stack(want))
+  with pytest.raises(ValueError, match="eval.split must be '' unless text.source='hf'"):
+    validate.check_config(config(model_dir, **{"eval.split": "validation"}))

@@ -84,5 +84,6 @@ def test_dry_run_reads_no_weights(tmp_path):
   assert f"LM params per device: {lm / 2**30:.2f} GiB (bfloat16, split over lm.model_parallel=4" \
       in text
   # 8B harvested tokens; evaluation reads 2,048 contexts of 1,024 past the first 8M
-  assert ("text: the run reads up to 8.19B tokens; text.source='hf' streams "
-          "'monology/pile-uncopyrighted'") in text
+  # 8B harvested tokens of the train split; 2,048 × 1,024 held-out ones of the validation split
+  assert ("text: the run reads up to 8B tokens of split 'train' and 2.1M of eval.split "
+          "'validation'; text.source='hf' streams 'monology/pile-uncopyrighted'") in text
