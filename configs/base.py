@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   # whatever the process count; a harvesting process holds one shard in memory.
   c.harvest.shard_tokens = 16384
   c.harvest.dtype = "float32"  # storage dtype: float32 | bfloat16
+  # Where the LM runs (harvest.py): "local" = each process its own copy on its own devices,
+  # harvesting its chunks with no communication; "global" = one LM over every device of every
+  # process, the processes harvesting in lockstep rounds (a multi-host TPU slice runs only
+  # programs over all its devices); "auto" = global on a multi-process TPU job, else local.
+  c.harvest.mesh = "auto"
 
   # Evaluation with the SAE spliced into the LM (harvest, live, or an npy store whose manifest
   # names the LM); checked before any harvest; a finished run rerun with other eval.* keys is

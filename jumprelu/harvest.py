@@ -54,6 +54,7 @@ from jumprelu.lm import model
 MANIFEST = "manifest.json"
 FORMAT = 2  # manifests without "format" come from the single-process store cut at shard_tokens
 STORE_DTYPES = ("float32", "bfloat16")
+MESH_MODES = ("auto", "local", "global")
 _PART = re.compile(r"manifest\.p(\d+)\.json")
 _SHARD = re.compile(r"shard_(\d+)\.npy")
 _BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # the last process may still be harvesting its chunk
@@ -175,6 +176,36 @@ def _owner(name: str, processes: int) -> int | None:
   return int(m.group(1)) % processes if name.startswith("shard_") else int(m.group(1))
 
 
+def mesh_mode(c) -> str:
+  """harvest.mesh resolved to "local" or "global" ("auto": global on a multi-process TPU job,
+  where XLA runs only programs over every device of the slice)."""
+  if c.harvest.mesh not in MESH_MODES:
+    raise ValueError(f"harvest.mesh must be one of {MESH_MODES}, got {c.harvest.mesh!r}")
+  if c.harvest.mesh != "auto":
+    return c.harvest.mesh
+  return "global" if jax.process_count() > 1 and jax.devices()[0].platform == "tpu" else "local"
+
+
+def _spans_every_device(params) -> bool:
+  mesh = lm_act.mesh_of(params)
+  return mesh is not None and mesh.devices.size == jax.device_count()
+
+
+def batches_needed(kept_C, rows: int, batch: int) -> int:
+  """LM forwards of `batch` contexts (aligned on the chunk) until a chunk whose contexts keep
+  kept_C rows has given its first `rows` > 0 rows."""
+  last = int(np.searchsorted(np.cumsum(kept_C), rows))  # the context holding row `rows`
+  return last // batch + 1
+
+
+def _local_rows(acts_BxLxW) -> np.ndarray:
+  """This process's rows of a forward's output, in order (all of them on one process)."""
+  if not isinstance(acts_BxLxW, jax.Array) or acts_BxLxW.is_fully_addressable:
+    return np.asarray(acts_BxLxW)
+  shards = {s.index[0].start or 0: s for s in acts_BxLxW.addressable_shards}  # "model" copies
+  return np.concatenate([np.asarray(shards[i].data) for i in sorted(shards)])
+
+
 def _barrier(directory: str, stage: str, processes: int) -> None:
   """Waits until every process of the job reaches this point (nothing when there is one)."""
   if processes == 1 or jax.process_count() == 1:
@@ -199,7 +230,17 @@ def harvest(c, directory: str, lm=None, *, process: tuple[int, int] | None = Non
   if c.harvest.dtype not in STORE_DTYPES:
     raise ValueError(f"harvest.dtype must be one of {STORE_DTYPES}, got {c.harvest.dtype!r}")
   p, procs = process or (jax.process_index(), jax.process_count())
-  params, cfg, tokenizer, name = lm or lm_act.load_lm(c)
+  mode = mesh_mode(c)
+  if mode == "global" and jax.process_count() > 1 and procs != jax.process_count():
+    raise ValueError(f"harvest.mesh='global' runs every process of the job in lockstep; it "
+                     f"cannot play {procs} processes in one (process={process}); use 'local'")
+  if lm is None or (mode == "global" and jax.process_count() > 1 and
+                    not _spans_every_device(lm[0])):
+    lm = lm_act.load_lm(c, jax.devices() if mode == "global" else None)
+  params, cfg, tokenizer, name = lm
+  mesh = lm_act.mesh_of(params)
+  logging.info("harvest process %d/%d, harvest.mesh=%s: the LM on %s", p, procs, mode,
+               f"mesh {dict(mesh.shape)} of {mesh.devices.size} devices" if mesh else "1 device")
   spec = store_spec(c, cfg, tokenizer, name)
   if spec["width"] != c.data.d_in:
     raise ValueError(f"{c.lm.site} of {name} has width {spec['width']}, but data.d_in="
@@ -224,7 +265,10 @@ def harvest(c, directory: str, lm=None, *, process: tuple[int, int] | None = Non
     _write_manifest(directory, {
         "format": FORMAT, "spec": spec, "chunk_contexts": chunk, "num_tokens": target,
         "shards": [], "tokens": 0, "next_context": 0, "skip_rows": 0, "complete": False})
-  h = _Harvester(c, directory, spec, (params, cfg, tokenizer), records, p, procs)
+  h = _Harvester(c, directory, spec, (params, cfg, tokenizer), records, p, procs,
+                 lockstep=mode == "global")
+  if h.lockstep:  # every process has read the store as it was before anyone writes to it
+    _barrier(directory, "planned", procs)
   if final is not None and final["complete"] and final["num_tokens"] == target and \
       final.get("chunk_contexts") == chunk:
     manifest = h.repair(final)  # the plan is known: only damaged shards are harvested again
@@ -240,8 +284,13 @@ def harvest(c, directory: str, lm=None, *, process: tuple[int, int] | None = Non
 class _Harvester:
   """One process's share of the harvest: its chunks through the LM, each committed."""
 
-  def __init__(self, c, directory, spec, lm, records, process, processes):
+  def __init__(self, c, directory, spec, lm, records, process, processes, lockstep=False):
     self.c, self.directory, self.spec, self.records = c, directory, spec, records
+    self.lockstep = lockstep
+    # Lockstep: every process decides for every chunk from the store as it was at the start
+    # (the records, and the rows each recorded shard file held), so all decide alike.
+    self.held = {k: _shard_rows(storage.join(directory, shard_name(k)), spec["width"])
+                 for k in records} if lockstep else None
     self.params, self.cfg, self.tokenizer = lm
     self.p, self.procs = process, processes
     self.chunk = chunk_contexts(c)
@@ -267,24 +316,32 @@ class _Harvester:
     if rows not in self.records.get(k, ()):
       return False
     path = storage.join(self.directory, shard_name(k))
-    held, problem = _shard_rows(path, self.spec["width"])
+    held, problem = self.held[k] if self.lockstep else _shard_rows(path, self.spec["width"])
     if held == rows:
       return True
-    logging.warning("activation shard %s %s: harvesting it again", path,
-                    problem or f"holds {held} rows, its record says {rows}")
+    if k % self.procs == self.p:
+        logging.warning("activation shard %s %s: harvesting it again", path,
+                      problem or f"holds {held} rows, its record says {rows}")
     return False
 
   def run(self, target: int) -> dict:
     """Harvests this process's missing chunks; returns the store's manifest (all processes')."""
     shards, tokens, cursor, exhausted = [], 0, None, True
     bar = logs.progress(target, "harvest", "tok", every_s=10.0)
+    todo = []  # lockstep: this round's chunks to harvest (round r: chunks rP .. rP+P-1)
     for k, contexts, kept in self._chunks():
       rows = int(min(kept.sum(), target - tokens))
       if rows > 0:  # a chunk with no kept position (only padding) is no shard
         shards.append({"file": shard_name(k), "rows": rows, "chunk": k,
                        "contexts": [k * self.chunk, k * self.chunk + len(contexts)]})
-        if k % self.procs == self.p and not self._done(k, rows):
-          self._harvest_chunk(k, contexts, rows)
+        if not self._done(k, rows) and (self.lockstep or k % self.procs == self.p):
+          if self.lockstep:
+            todo.append((k, contexts if k % self.procs == self.p else None, kept, rows))
+          else:
+            self._harvest_chunk(k, contexts, rows)
+      if self.lockstep and k % self.procs == self.procs - 1:
+        self._round(todo)
+        todo = []
       before, tokens = tokens, tokens + rows
       bar.update(tokens - bar.n)
       if tokens >= target:  # where the next row would come from: as evaluation's held-out
@@ -295,6 +352,8 @@ class _Harvester:
         exhausted = False
         break
       cursor = (k * self.chunk + len(contexts), 0)
+    if todo:  # the last round, cut short by the store's or the text's end
+      self._round(todo)
     bar.close()
     logging.info("harvest process %d/%d: %d of its shards harvested now, %d found complete",
                  self.p, self.procs, self.harvested,
@@ -310,30 +369,72 @@ class _Harvester:
   def repair(self, final: dict) -> dict:
     """Harvests again this process's damaged shards of a complete store."""
     wanted = {s["chunk"]: s["rows"] for s in final["shards"]}
-    bad = [k for k, rows in sorted(wanted.items()) if k % self.procs == self.p and
-           not self._done(k, rows)]
-    for k, contexts, _ in self._chunks() if bad else ():
-      if k in bad:
+    bad = [k for k, rows in sorted(wanted.items()) if (self.lockstep or k % self.procs == self.p)
+           and not self._done(k, rows)]
+    todo = []
+    for k, contexts, kept in self._chunks() if bad else ():
+      if k in bad and not self.lockstep:
         self._harvest_chunk(k, contexts, wanted[k])
+      elif k in bad:
+        todo.append((k, contexts if k % self.procs == self.p else None, kept, wanted[k]))
+      if todo and (k % self.procs == self.procs - 1 or k == bad[-1]):
+        self._round(todo)
+        todo = []
       if k == bad[-1]:
         break
     return final
 
+  def _round(self, todo: list) -> None:
+    """One lockstep round: every process runs the same LM forwards over the global mesh, each
+    feeding a batch of its chunk (todo: (k, its contexts on its process, kept rows per context,
+    rows) of the round's chunks to harvest) or, with none left, a stand-in whose output is
+    dropped; the chunks are then written and recorded by their processes."""
+    if not todo:  # every process skips the same rounds
+      return
+    b = self.c.lm.batch_contexts
+    steps = max(batches_needed(kept, rows, b) for _, _, kept, rows in todo)
+    mine = [t for t in todo if t[0] % self.procs == self.p]
+    k, contexts, kept, rows = mine[0] if mine else (None, None, None, 0)
+    own = batches_needed(kept, rows, b) if mine else 0
+    out, filled = self._buffer(rows), 0
+    stand_in_BxL = np.zeros((b, self.c.lm.context_len), np.int32)
+    for j in range(steps):
+      batch = contexts[j * b:(j + 1) * b] if j < own else None
+      tokens_BxL = _pad(batch, b) if batch else stand_in_BxL
+      acts_BxLxW = _local_rows(self.forward(self.params, tokens_BxL))
+      if batch:
+        keep_BxL = lm_act.keep_mask(self.cfg, tokens_BxL, self.c.lm.skip_positions)
+        filled = self._fill(out, filled, [acts_BxLxW[i][keep_BxL[i]] for i in range(len(batch))])
+    if mine:
+      self._record(k, out, filled)
+
+  def _buffer(self, rows: int) -> np.ndarray:
+    dtype = np.uint16 if self.c.harvest.dtype == "bfloat16" else np.float32
+    return np.empty((rows, self.spec["width"]), dtype)
+
+  def _fill(self, out: np.ndarray, filled: int, rows_list: list) -> int:
+    """Copies a batch's kept rows into `out` from row `filled` on, up to its end."""
+    for acts in rows_list:
+      take = min(len(acts), len(out) - filled)
+      out[filled:filled + take] = (acts[:take].astype(ml_dtypes.bfloat16).view(np.uint16)
+                                   if out.dtype == np.uint16 else acts[:take])
+      filled += take
+    return filled
+
   def _harvest_chunk(self, k: int, contexts: list, rows: int) -> None:
     """The first `rows` kept rows of chunk k through the LM, written as shard k and recorded."""
-    c, width = self.c, self.spec["width"]
-    bf16 = c.harvest.dtype == "bfloat16"
-    out = np.empty((rows, width), np.uint16 if bf16 else np.float32)
-    filled, batch = 0, c.lm.batch_contexts
+    c = self.c
+    out, filled, batch = self._buffer(rows), 0, c.lm.batch_contexts
     for b in range(0, len(contexts), batch):
       if filled == rows:  # the store's last shard: the LM stops once its rows are in
         break
-      for acts in lm_act.context_rows(c, self.forward, self.params, self.cfg,
-                                      contexts[b:b + batch]):
-        take = min(len(acts), rows - filled)
-        out[filled:filled + take] = (acts[:take].astype(ml_dtypes.bfloat16).view(np.uint16)
-                                     if bf16 else acts[:take])
-        filled += take
+      filled = self._fill(out, filled, lm_act.context_rows(c, self.forward, self.params,
+                                                           self.cfg, contexts[b:b + batch]))
+    self._record(k, out, filled)
+
+  def _record(self, k: int, out: np.ndarray, filled: int) -> None:
+    """Writes chunk k's rows as shard k and records it in this process's part."""
+    rows = len(out)
     if filled != rows:
       raise RuntimeError(f"chunk {k} gave {filled} rows, its tokens' mask {rows}")
     _save_shard(self.directory, shard_name(k), out)
@@ -344,6 +445,11 @@ class _Harvester:
         "shards": [{"chunk": j, "file": shard_name(j), "rows": r}
                    for j in sorted(self.part) for r in self.part[j]]})
     self.harvested += 1
+
+
+def _pad(batch: list, size: int) -> np.ndarray:
+  """A short batch padded by repeating its last context (one compiled shape, as context_rows)."""
+  return np.stack(batch + [batch[-1]] * (size - len(batch)))
 
 
 def _save_shard(directory: str, name: str, rows_NxW: np.ndarray) -> None:

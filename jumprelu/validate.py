@@ -147,6 +147,8 @@ def check_config(c) -> None:
     need(c.harvest.num_tokens > 0, "harvest.num_tokens", "> 0")
     need(c.harvest.shard_tokens > 0, "harvest.shard_tokens", "> 0")
     need(c.harvest.dtype in ("float32", "bfloat16"), "harvest.dtype", "float32 or bfloat16")
+    need(c.harvest.mesh in ("auto", "local", "global"), "harvest.mesh",
+         "'auto', 'local' (each process its own LM) or 'global' (one LM over every device)")
   # An npy store's manifest may name its LM, which then evaluates the SAE (evaluate.skip_reason).
   need(c.eval.num_contexts >= 0, "eval.num_contexts", ">= 0 (0: no evaluation with the LM)")
   need(c.eval.skip_contexts >= 0, "eval.skip_contexts", ">= 0")

@@ -299,3 +299,74 @@ def test_skip_positions_drops_the_first_tokens_after_bos(lm):
       [0, 1, 1, 1, 0, 1, 1], [0, 1, 0, 1, 1, 1, 1]])
   np.testing.assert_array_equal(lm_act.keep_mask(cfg, tokens, skip_positions=2), [
       [0, 0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1]])
+
+
+def test_batches_needed_stops_at_the_batch_holding_the_last_row():
+  kept_C = np.array([3, 0, 4, 5, 2, 2, 1, 6])  # rows per context; batches of 4 contexts
+  assert harvest.batches_needed(kept_C, 1, 4) == 1
+  assert harvest.batches_needed(kept_C, 12, 4) == 1  # ends in context 3, batch 0
+  assert harvest.batches_needed(kept_C, 13, 4) == 2
+  assert harvest.batches_needed(kept_C, int(kept_C.sum()), 4) == 2
+  assert harvest.batches_needed(kept_C, 7, 2) == 2
+
+
+def _counting_forwards(monkeypatch):
+  """Counts the lockstep LM forwards of each harvesting process (by its index)."""
+  counts, current = {}, [None]
+  real_round, real_rows = harvest._Harvester._round, harvest._local_rows
+
+  def round_(self, todo):
+    current[0] = self.p
+    return real_round(self, todo)
+
+  def rows(acts):
+    counts[current[0]] = counts.get(current[0], 0) + 1
+    return real_rows(acts)
+
+  monkeypatch.setattr(harvest._Harvester, "_round", round_)
+  monkeypatch.setattr(harvest, "_local_rows", rows)
+  return counts
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_lockstep_harvest_writes_the_one_process_store(tmp_path, lm, whole, monkeypatch,
+                                                       processes):
+  """harvest.mesh=global, its processes played in turn in one: every process runs the same
+  forwards (stand-ins where its chunk is done or past the end), and the store is the local one."""
+  c = config(**{"harvest.mesh": "global"})
+  counts = _counting_forwards(monkeypatch)
+  for p in reversed(range(processes)):
+    harvest.harvest(c, str(tmp_path), lm, process=(p, processes))
+  _assert_same_store(tmp_path, whole)
+  shards = json.load(open(whole / "manifest.json"))["shards"]
+  batches = harvest.chunk_contexts(c) // c.lm.batch_contexts
+  rounds = -(-len(shards) // processes)  # the last round stops at the store's last row
+  assert len(set(counts.values())) == 1 and len(counts) == processes
+  assert (rounds - 1) * batches < counts[0] <= rounds * batches
+
+  # A deleted shard: the rerun harvests only its round; the other rounds are skipped by all.
+  # (Process 0, which owns it and commits, runs last: in a job all see the store as at the start.)
+  counts.clear()
+  for p in reversed(range(processes)):  # process 0 rewrites it, and commits, last
+    if (tmp_path / "shard_00000.npy").exists():
+      os.remove(tmp_path / "shard_00000.npy")
+    harvest.harvest(c, str(tmp_path), lm, process=(p, processes))
+  _assert_same_store(tmp_path, whole)
+  assert counts == {p: batches for p in range(processes)}
+
+
+def test_lockstep_harvest_resumes_after_a_kill(tmp_path, lm, whole, monkeypatch):
+  c = config(**{"harvest.mesh": "global"})
+  real = _dies_at(monkeypatch, "_write_part", 2)
+  with pytest.raises(KeyboardInterrupt):
+    harvest.harvest(c, str(tmp_path), lm)
+  monkeypatch.setattr(harvest, "_write_part", real)
+  harvest.harvest(c, str(tmp_path), lm)
+  _assert_same_store(tmp_path, whole)
+
+
+def test_harvest_mesh_is_checked():
+  from jumprelu import validate
+  with pytest.raises(ValueError, match="harvest.mesh"):
+    validate.check_config(config(**{"harvest.mesh": "pod"}))
+  assert harvest.mesh_mode(config()) == "local"  # auto, one CPU process

@@ -94,8 +94,11 @@ def _files(path) -> dict:
   return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path))}
 
 
-@pytest.mark.multiprocess
-def test_two_processes_write_the_one_process_store_also_after_kill_9(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """(a folder with the tiny LM and text, experiments/harvest.py's command, the one-process
+  store's files)."""
+  tmp_path = tmp_path_factory.mktemp("mp")
   _tiny_checkpoint(tmp_path / "lm")
   _text(tmp_path / "docs.jsonl")
   entry = tmp_path / "entry.py"
@@ -112,25 +115,35 @@ def test_two_processes_write_the_one_process_store_also_after_kill_9(tmp_path):
   store = _files(tmp_path / "one" / "activations")
   manifest = json.loads(store["manifest.json"])
   assert manifest["tokens"] == 900 and len(manifest["shards"]) >= 6
+  return tmp_path, args, store
+
+
+def _two(tmp_path, args, workdir, victim=None, kill_at=1):
+  """Both processes; the victim kill -9s itself at its kill_at-th commit record, then the
+  other is killed too (as a scheduler tears the job down). Returns the processes' stderr."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      args + [f"--workdir={workdir}", "--distributed",
+              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={i}"], env=_env(tmp_path / "cache", kill_at if i == victim else 0),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  if victim is not None:
+    procs[victim].wait(timeout=120)
+    assert procs[victim].returncode == -signal.SIGKILL, procs[victim].stderr.read()[-3000:]
+    procs[1 - victim].send_signal(signal.SIGKILL)
+  outs = [p.communicate(timeout=120)[1] for p in procs]
+  if victim is None:
+    for p, err in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+@pytest.mark.multiprocess
+def test_two_processes_write_the_one_process_store_also_after_kill_9(one_process):
+  tmp_path, args, store = one_process
 
   def two(victim=None, kill_at=1):
-    """Both processes; the victim kill -9s itself at its kill_at-th commit record, then the
-    other is killed too (as a scheduler tears the job down). Returns the processes' stderr."""
-    port = _free_port()
-    procs = [subprocess.Popen(
-        args + [f"--workdir={tmp_path}/two", "--distributed",
-                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}"], env=_env(tmp_path / "cache", kill_at if i == victim else 0),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    if victim is not None:
-      procs[victim].wait(timeout=120)
-      assert procs[victim].returncode == -signal.SIGKILL, procs[victim].stderr.read()[-3000:]
-      procs[1 - victim].send_signal(signal.SIGKILL)
-    outs = [p.communicate(timeout=120)[1] for p in procs]
-    if victim is None:
-      for p, err in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return outs
+    return _two(tmp_path, args, tmp_path / "two", victim, kill_at)
 
   two(victim=1, kill_at=2)
   assert "manifest.p00001.json" in os.listdir(tmp_path / "two" / "activations")
@@ -142,4 +155,21 @@ def test_two_processes_write_the_one_process_store_also_after_kill_9(tmp_path):
   got = _files(tmp_path / "two" / "activations")
   assert sorted(got) == sorted(store)
   for name in store:  # byte for byte: each process's LM runs on 4 devices, as the one did
+    assert got[name] == store[name], name
+
+
+@pytest.mark.multiprocess
+def test_global_mesh_harvest_writes_the_one_process_store_also_after_kill_9(one_process):
+  """harvest.mesh=global: one LM over the 8 devices of both processes, harvesting in lockstep
+  rounds (each device still forwards one context of a batch, as in the one-process run)."""
+  tmp_path, args, store = one_process
+  args = args + ["--config.harvest.mesh=global"]
+  _two(tmp_path, args, tmp_path / "global", victim=1, kill_at=2)  # mid-harvest
+  partial = json.load(open(tmp_path / "global" / "activations" / "manifest.json"))
+  assert not partial["complete"] and not partial["shards"]
+  outs = _two(tmp_path, args, tmp_path / "global")  # the same command again finishes the store
+  assert "harvest.mesh=global: the LM on mesh {'data': 8, 'model': 1} of 8 devices" in outs[1]
+  got = _files(tmp_path / "global" / "activations")
+  assert sorted(got) == sorted(store)
+  for name in store:
     assert got[name] == store[name], name
