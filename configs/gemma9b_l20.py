@@ -33,6 +33,9 @@ def get_config():
   c.harvest.num_tokens = 8_000_000_000
   c.harvest.shard_tokens = 1 << 20
   c.harvest.dtype = "bfloat16"  # 8B × 3,584 × 2 bytes = 57 TB (float32 would be 115 TB)
+  # auto: on the pod (many TPU processes) one LM over every chip, in lockstep rounds, as XLA
+  # there refuses programs on one host's chips; local on one host or on CPUs/GPUs
+  c.harvest.mesh = "auto"
   c.eval.num_contexts = 2048  # the report's 2,048 × 1,024-token evaluation
   # The Pile's validation split: held out by construction, and reached without tokenising the
   # ~8M training contexts first (eval.skip_contexts counts from the split's start)

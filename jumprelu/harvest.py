@@ -11,14 +11,23 @@ the first whose rows reach harvest.num_tokens, and that last shard is cut to rea
 (or the text runs out first: a warning). So the store holds the first harvest.num_tokens kept
 rows of the text, in text order, whatever the process count.
 
-Who harvests what. Chunk k goes through the LM on process k % P, in batches of
-lm.batch_contexts contexts aligned on the chunk, each process's LM on its own devices; there is
-no communication while harvesting, so one process dying cannot corrupt another's work. Every
-process tokenizes the text up to the store's end and counts each context's kept positions from
-its tokens alone, so each knows every shard's rows and where the store ends without asking. A
-store harvested by P processes is therefore the one-process store: the same shard files (byte
-for byte when every process's LM runs on the same local devices, i.e. the same compiled
-forward; else equal to the LM's numerical noise) and the same manifest.
+Who harvests what. Chunk k is harvested by process k % P, in batches of lm.batch_contexts
+contexts aligned on the chunk, so every process knows every shard's rows and where the store
+ends without asking (each tokenizes the text up to the store's end and counts each context's
+kept positions from its tokens alone). Where the LM runs is harvest.mesh:
+- "local": each process's own LM copy on its own devices, no communication while harvesting, so
+  one process dying cannot corrupt another's work.
+- "global" (auto on a multi-process TPU job, whose slice runs only programs over all its
+  devices): one LM over every device of every process ("model" within a process, "data" across),
+  in lockstep rounds. Round r holds chunks rP .. rP+P-1; its forward steps are the most any of
+  its chunks still to harvest needs; at step j each process feeds batch j of its chunk (or, its
+  chunk done, past the store's end or shorter, a stand-in whose output it drops) as its rows of
+  the global batch and keeps its own rows. Which chunks are done every process decides alike from
+  the store as it was at the start (every part and every recorded shard's rows, read before a
+  barrier), so all run the same steps and skip the same rounds.
+A store harvested by P processes is therefore the one-process store: the same shard files (byte
+for byte when each device forwards the same rows, e.g. P processes × 4 devices, locally or
+globally, and one × 4; else equal to the LM's numerical noise) and the same manifest.
 
 Commit protocol. A shard is written whole (atomic rename locally, one object put in a bucket),
 then recorded in its process's manifest.pNNNNN.json (rewritten whole after each shard). A kill

@@ -25,7 +25,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
   workdir_lib.check_config(c, workdir)
   evaluating = evaluate.check_inputs(c, workdir)  # the eval.* keys, before hours of work
   if c.data.source == "harvest":
-    harvest.harvest(c, workdir_lib.store_path(c, workdir), lm_act.load_lm(c))
+    harvest.harvest(c, workdir_lib.store_path(c, workdir))  # its LM on harvest.mesh
   source, truth = make_source(c, workdir, mesh)
   logging.info("mesh %s over %d devices; data: %d rows of width %d", dict(mesh.shape),
                mesh.size, source.n, source.d)
