@@ -173,3 +173,20 @@ def test_global_mesh_harvest_writes_the_one_process_store_also_after_kill_9(one_
   assert sorted(got) == sorted(store)
   for name in store:
     assert got[name] == store[name], name
+
+
+@pytest.mark.multiprocess
+def test_global_mesh_harvest_with_layers_split_over_two_devices(one_process):
+  """lm.model_parallel=2: each process's rows come back once from its 2 × 2 devices."""
+  tmp_path, args, _ = one_process
+  args = args + ["--config.lm.model_parallel=2"]
+  one = subprocess.run(args + [f"--workdir={tmp_path}/one_mp2"], env=_env(tmp_path / "cache"),
+                       capture_output=True, text=True, timeout=120)
+  assert one.returncode == 0, one.stderr[-3000:]
+  store = _files(tmp_path / "one_mp2" / "activations")
+  outs = _two(tmp_path, args + ["--config.harvest.mesh=global"], tmp_path / "global_mp2")
+  assert "the LM on mesh {'data': 4, 'model': 2} of 8 devices" in outs[0]
+  got = _files(tmp_path / "global_mp2" / "activations")
+  assert sorted(got) == sorted(store)
+  for name in store:  # each device forwards the same rows with the same layer split as the one
+    assert got[name] == store[name], name
