@@ -23,8 +23,9 @@ kept positions from its tokens alone). Where the LM runs is harvest.mesh:
   its chunks still to harvest needs; at step j each process feeds batch j of its chunk (or, its
   chunk done, past the store's end or shorter, a stand-in whose output it drops) as its rows of
   the global batch and keeps its own rows. Which chunks are done every process decides alike from
-  the store as it was at the start (every part and every recorded shard's rows, read before a
-  barrier), so all run the same steps and skip the same rounds.
+  the store as it was at the start (every part, and the rows of every recorded shard: each
+  process reads its own and they swap them through jax.distributed's coordination service before
+  anyone writes), so all run the same steps and skip the same rounds.
 A store harvested by P processes is therefore the one-process store: the same shard files (byte
 for byte when each device forwards the same rows, e.g. P processes × 4 devices, locally or
 globally, and one × 4; else equal to the LM's numerical noise) and the same manifest.
@@ -47,6 +48,7 @@ Memory: a harvesting process holds one shard in the storage dtype (bucket writes
 """
 import hashlib
 import itertools
+import json
 import os
 import re
 import zlib
@@ -215,13 +217,42 @@ def _local_rows(acts_BxLxW) -> np.ndarray:
   return np.concatenate([np.asarray(shards[i].data) for i in sorted(shards)])
 
 
+def _held_rows(directory: str, spec: dict, records: dict, process: int,
+               processes: int) -> dict[int, tuple[int | None, str]]:
+  """{recorded chunk: _shard_rows of its file} for every process's chunks, as the store was
+  before anyone writes to it (it returns once every process has read it). Each process reads its
+  own chunks' files and they swap what they found through the coordination service's key-value
+  store; without one (processes played in turn by tests) every file is read here."""
+  def held(k):
+    return _shard_rows(storage.join(directory, shard_name(k)), spec["width"])
+
+  client = _client() if processes > 1 and jax.process_count() > 1 else None
+  if client is None:
+    rows = {k: held(k) for k in records}
+    _barrier(directory, "planned", processes)
+    return rows
+  rows = {k: held(k) for k in records if k % processes == process}
+  name = f"jumprelu_harvest_{zlib.crc32(directory.encode()):08x}_planned_{next(_barriers)}"
+  client.key_value_set(f"{name}/{process}", json.dumps({k: r for k, (r, _) in rows.items()}))
+  for i in range(processes):
+    if i != process:
+      got = json.loads(client.blocking_key_value_get(f"{name}/{i}", _BARRIER_TIMEOUT_MS))
+      rows.update({int(k): (r, "") for k, r in got.items()})
+  return rows
+
+
+def _client():
+  """jax.distributed's coordination-service client (no device collective), or None."""
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
 def _barrier(directory: str, stage: str, processes: int) -> None:
   """Waits until every process of the job reaches this point (nothing when there is one)."""
   if processes == 1 or jax.process_count() == 1:
     return
   name = f"jumprelu_harvest_{zlib.crc32(directory.encode()):08x}_{stage}_{next(_barriers)}"
-  from jax._src import distributed  # the coordination service's client: no device collective
-  client = distributed.global_state.client
+  client = _client()
   if client is None:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
@@ -276,8 +307,6 @@ def harvest(c, directory: str, lm=None, *, process: tuple[int, int] | None = Non
         "shards": [], "tokens": 0, "next_context": 0, "skip_rows": 0, "complete": False})
   h = _Harvester(c, directory, spec, (params, cfg, tokenizer), records, p, procs,
                  lockstep=mode == "global")
-  if h.lockstep:  # every process has read the store as it was before anyone writes to it
-    _barrier(directory, "planned", procs)
   if final is not None and final["complete"] and final["num_tokens"] == target and \
       final.get("chunk_contexts") == chunk:
     manifest = h.repair(final)  # the plan is known: only damaged shards are harvested again
@@ -298,8 +327,7 @@ class _Harvester:
     self.lockstep = lockstep
     # Lockstep: every process decides for every chunk from the store as it was at the start
     # (the records, and the rows each recorded shard file held), so all decide alike.
-    self.held = {k: _shard_rows(storage.join(directory, shard_name(k)), spec["width"])
-                 for k in records} if lockstep else None
+    self.held = _held_rows(directory, spec, records, process, processes) if lockstep else None
     self.params, self.cfg, self.tokenizer = lm
     self.p, self.procs = process, processes
     self.chunk = chunk_contexts(c)
