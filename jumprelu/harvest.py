@@ -356,8 +356,8 @@ class _Harvester:
     held, problem = self.held[k] if self.lockstep else _shard_rows(path, self.spec["width"])
     if held == rows:
       return True
-    if k % self.procs == self.p:
-        logging.warning("activation shard %s %s: harvesting it again", path,
+    if k % self.procs == self.p:  # lockstep: the others' chunks are theirs to name
+      logging.warning("activation shard %s %s: harvesting it again", path,
                       problem or f"holds {held} rows, its record says {rows}")
     return False
 
