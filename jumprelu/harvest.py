@@ -276,7 +276,7 @@ def harvest(c, directory: str, lm=None, *, process: tuple[int, int] | None = Non
                      f"cannot play {procs} processes in one (process={process}); use 'local'")
   if lm is None or (mode == "global" and jax.process_count() > 1 and
                     not _spans_every_device(lm[0])):
-    lm = lm_act.load_lm(c, jax.devices() if mode == "global" else None)
+    lm = lm_act.load_lm(c, jax.devices()) if mode == "global" else lm_act.load_lm(c)
   params, cfg, tokenizer, name = lm
   mesh = lm_act.mesh_of(params)
   logging.info("harvest process %d/%d, harvest.mesh=%s: the LM on %s", p, procs, mode,

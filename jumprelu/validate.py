@@ -84,16 +84,18 @@ def check_config(c) -> None:
   need(c.sae.threshold_param in sae.THRESHOLD_PARAMS, "sae.threshold_param",
        f"one of {sae.THRESHOLD_PARAMS}")
   need(c.sae.decoder_norm in ("unit", "free"), "sae.decoder_norm", "'unit' or 'free'")
-  need(c.sae.pre_relu or (objectives.uses_paper_loss(c) and c.train.step_impl == "dense"),
-       "sae.pre_relu", "True unless the paper's L0 loss trains with train.step_impl='dense'")
+  need(c.sae.pre_relu or (objectives.uses_paper_loss(c) and c.train.step_impl != "sparse"),
+       "sae.pre_relu", "True unless the paper's L0 loss trains with the dense step "
+       "(train.step_impl 'dense' or 'auto')")
   need(c.sae.bandwidth_rule in bandwidth.RULES, "sae.bandwidth_rule", f"one of {bandwidth.RULES}")
   if c.sae.bandwidth_rule == "adaptive":
-    need(c.train.step_impl == "dense", "train.step_impl", "'dense' with sae.bandwidth_rule="
-         "'adaptive' (the sparse step keeps no [B, F] pre-activations for its statistics)")
-    need(c.sae.bandwidth_scale > 0, "sae.bandwidth_scale", "> 0")
-    need(c.sae.bandwidth_window > 0, "sae.bandwidth_window", "> 0")
-    need(0 <= c.sae.bandwidth_decay < 1, "sae.bandwidth_decay", "in [0, 1)")
-    need(c.sae.bandwidth_min_count >= 0, "sae.bandwidth_min_count", ">= 0")
+    need(c.train.step_impl != "sparse", "train.step_impl", "'dense' or 'auto' with "
+         "sae.bandwidth_rule='adaptive' (the sparse step keeps no [B, F] pre-activations for its "
+         "statistics)")
+  need(c.sae.bandwidth_scale > 0, "sae.bandwidth_scale", "> 0")
+  need(c.sae.bandwidth_window > 0, "sae.bandwidth_window", "> 0")
+  need(0 <= c.sae.bandwidth_decay < 1, "sae.bandwidth_decay", "in [0, 1)")
+  need(c.sae.bandwidth_min_count >= 0, "sae.bandwidth_min_count", ">= 0")
   need(c.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)")
   need(c.optim.threshold_lr_scale > 0, "optim.threshold_lr_scale", "> 0")
   need(c.optim.learning_rate > 0, "optim.learning_rate", "> 0")
