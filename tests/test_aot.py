@@ -85,6 +85,9 @@ def test_auto_step_picks_per_platform():
                                  "cpu")[0] == "dense"
   swept = tiny(**{"train.step_impl": "auto", "sweep.sparsity_coefficient": (1e-3, 2e-3)})
   assert sparse.choose_step_impl(swept, "cpu")[0] == "dense"
+  for key, value in (("sae.bandwidth_rule", "adaptive"), ("sae.pre_relu", False)):
+    assert sparse.choose_step_impl(tiny(**{"train.step_impl": "auto", key: value}),
+                                   "cpu")[0] == "dense", key  # the sparse step has neither
   # a set value is kept; "auto" is replaced in a copy, the config itself untouched
   assert sparse.choose_step_impl(tiny(**{"train.step_impl": "dense"}), "cpu")[0] == "dense"
   resolved = sparse.resolve_step_impl(c, "tpu")

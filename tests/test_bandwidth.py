@@ -256,5 +256,5 @@ def test_bad_bandwidth_keys_are_refused_before_compute():
     validate.check_config(tiny(**{"sae.bandwidth_rule": "silverman"}))
   with pytest.raises(ValueError, match="sae.bandwidth_decay must be in"):
     validate.check_config(_adaptive(**{"sae.bandwidth_decay": 1.0}))
-  with pytest.raises(ValueError, match="train.step_impl must be 'dense' with"):
+  with pytest.raises(ValueError, match="train.step_impl must be 'dense' or 'auto' with"):
     validate.check_config(_adaptive(**{"train.step_impl": "sparse"}))
