@@ -26,7 +26,9 @@ def test_default_job_harvests_trains_evaluates_and_exports(tmp_path):
           "--config.train.batch_size=128", "--config.train.num_steps=20",
           "--config.train.log_every=10", "--config.train.checkpoint_every=20",
           "--config.eval.num_contexts=4", "--config.eval.skip_contexts=100"]
-  run = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600)
+  # One CPU device, as on a user's machine (conftest fakes 8 for the sharding tests).
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
   assert run.returncode == 0, run.stderr[-4000:]
   manifest = json.load(open(tmp_path / "activations" / "manifest.json"))
   assert manifest["tokens"] == 1500 and manifest["spec"]["width"] == 576
