@@ -4,6 +4,7 @@ Eight CPU devices are faked for the whole suite (before jax is imported anywhere
 meshes can be tested; single-device tests use the first device.
 """
 import os
+import socket
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -17,6 +18,24 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "multiprocess: starts several JAX processes that talk over loopback "
       "(jax.distributed); part of the suite and of CI, selectable with -m multiprocess")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def process_env(devices: int, **extra) -> dict:
+  """The environment of a JAX process a multi-process test starts: `devices` faked CPU devices,
+  this checkout importable, and any extra variables."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def free_port() -> int:
+  """A loopback port nobody listens on, for jax.distributed's coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def tiny(arg=None, /, **overrides):

@@ -1,6 +1,5 @@
 """Two local processes (4 CPU devices each, jax.distributed over loopback) vs one with 8."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from jumprelu import export
+from tests.conftest import free_port, process_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=" + os.path.join(REPO, "configs", "synthetic.py"),
@@ -19,30 +19,18 @@ ARGS = ["--config=" + os.path.join(REPO, "configs", "synthetic.py"),
         "--config.mesh.data=2", "--config.mesh.model=4"]
 
 
-def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
   train_py = os.path.join(REPO, "experiments", "train.py")
   one = subprocess.run([sys.executable, train_py, *ARGS, f"--workdir={tmp_path}/one"],
-                       env=_env(8), capture_output=True, text=True, timeout=300)
+                       env=process_env(8), capture_output=True, text=True, timeout=300)
   assert one.returncode == 0, one.stderr[-3000:]
 
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(
       [sys.executable, train_py, *ARGS, f"--workdir={tmp_path}/two", "--distributed",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+      env=process_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

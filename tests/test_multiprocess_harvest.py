@@ -4,15 +4,15 @@ rerun of the same command."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tokenizers
 from safetensors.numpy import save_file
+
+from tests.conftest import free_port, process_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [f"w{i}" for i in range(60)]
@@ -77,17 +77,8 @@ def _text(path) -> None:
 
 
 def _env(cache, kill_at=0):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JUMPRELU_TEST_KILL_AT=str(kill_at), JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # later runs skip compiling
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return process_env(4, JUMPRELU_TEST_KILL_AT=str(kill_at), JAX_COMPILATION_CACHE_DIR=str(cache),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # later runs skip compiling
 
 
 def _files(path) -> dict:
@@ -121,7 +112,7 @@ def one_process(tmp_path_factory):
 def _two(tmp_path, args, workdir, victim=None, kill_at=1):
   """Both processes; the victim kill -9s itself at its kill_at-th commit record, then the
   other is killed too (as a scheduler tears the job down). Returns the processes' stderr."""
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(
       args + [f"--workdir={workdir}", "--distributed",
               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
