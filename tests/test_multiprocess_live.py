@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jumprelu import export
-from tests.test_multiprocess import REPO, _env, _free_port
+from tests.conftest import REPO, free_port, process_env
 from tests.tiny_lm import write_hf_checkpoint
 
 MEMBERS = ("lam=0.001", "lam=0.01")
@@ -39,15 +39,15 @@ def _args(tmp_path):
 def test_live_training_and_evaluation_on_two_processes_match_one(tmp_path):
   train_py = os.path.join(REPO, "experiments", "train.py")
   args = _args(tmp_path)
-  port = _free_port()
+  port = free_port()
   # All three processes at once: the one-process run beside the two-process one.
   procs = [subprocess.Popen([sys.executable, train_py, *args, f"--workdir={tmp_path}/one"],
-                            env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=process_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)]
   procs += [subprocess.Popen(
       [sys.executable, train_py, *args, f"--workdir={tmp_path}/two", "--distributed",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+      env=process_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   failed = [f"process {i}: {err[-2000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs))
             if p.returncode]
