@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 from configs import base
 from jumprelu import checkpoint, cli, data, export, files, run, sharding, train, validate
 from jumprelu import workdir as workdir_lib
-from tests.conftest import tiny
+from tests.conftest import free_port, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "experiments", "train.py")
@@ -258,19 +257,13 @@ def test_second_ctrl_c_aborts_at_once_without_saving(tmp_path, monkeypatch):
   assert signal.getsignal(signal.SIGINT) == before
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_multihost_preemption_agrees_on_one_step(tmp_path):
   """A Ctrl-C reaches one of two processes and becomes a SIGTERM (a preemption notice) there:
   JAX's preemption sync point makes both save the same step and stop; rerunning both resumes
   and finishes. (A Ctrl-C takes SIGTERM's whole path, so one run tests both.)"""
   def launch(inject):
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
       cmd = [sys.executable, "-c", INJECT, *inject] if inject else [sys.executable, TRAIN_PY]
