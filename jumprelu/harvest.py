@@ -49,7 +49,6 @@ Memory: a harvesting process holds one shard in the storage dtype (bucket writes
 import hashlib
 import itertools
 import json
-import os
 import re
 import zlib
 
@@ -58,7 +57,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from jumprelu import files, logs, storage
+from jumprelu import files, logs, sharding, storage
 from jumprelu.lm import activations as lm_act
 from jumprelu.lm import model
 
@@ -68,7 +67,6 @@ STORE_DTYPES = ("float32", "bfloat16")
 MESH_MODES = ("auto", "local", "global")
 _PART = re.compile(r"manifest\.p(\d+)\.json")
 _SHARD = re.compile(r"shard_(\d+)\.npy")
-_BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # the last process may still be harvesting its chunk
 _barriers = itertools.count()  # every process calls harvest() the same number of times
 
 
@@ -226,7 +224,7 @@ def _held_rows(directory: str, spec: dict, records: dict, process: int,
   def held(k):
     return _shard_rows(storage.join(directory, shard_name(k)), spec["width"])
 
-  client = _client() if processes > 1 and jax.process_count() > 1 else None
+  client = sharding.coordination_client() if processes > 1 and jax.process_count() > 1 else None
   if client is None:
     rows = {k: held(k) for k in records}
     _barrier(directory, "planned", processes)
@@ -236,28 +234,15 @@ def _held_rows(directory: str, spec: dict, records: dict, process: int,
   client.key_value_set(f"{name}/{process}", json.dumps({k: r for k, (r, _) in rows.items()}))
   for i in range(processes):
     if i != process:
-      got = json.loads(client.blocking_key_value_get(f"{name}/{i}", _BARRIER_TIMEOUT_MS))
+      got = json.loads(client.blocking_key_value_get(f"{name}/{i}", sharding.BARRIER_TIMEOUT_MS))
       rows.update({int(k): (r, "") for k, r in got.items()})
   return rows
 
 
-def _client():
-  """jax.distributed's coordination-service client (no device collective), or None."""
-  from jax._src import distributed
-  return distributed.global_state.client
-
-
 def _barrier(directory: str, stage: str, processes: int) -> None:
   """Waits until every process of the job reaches this point (nothing when there is one)."""
-  if processes == 1 or jax.process_count() == 1:
-    return
-  name = f"jumprelu_harvest_{zlib.crc32(directory.encode()):08x}_{stage}_{next(_barriers)}"
-  client = _client()
-  if client is None:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-    return
-  client.wait_at_barrier(name, _BARRIER_TIMEOUT_MS)
+  if processes > 1:
+    sharding.wait_for_all(f"jumprelu_harvest_{zlib.crc32(directory.encode()):08x}_{stage}")
 
 
 # ----------------------------------------------------------------------------- the harvest

@@ -131,6 +131,13 @@ def to_host(tree):
 
 
 _barriers = itertools.count()  # every process passes the same barriers in the same order
+BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # the last process may still be harvesting its chunk
+
+
+def coordination_client():
+  """jax.distributed's coordination-service client (no device collective), or None."""
+  from jax._src import distributed  # as orbax does: the client has no public accessor
+  return distributed.global_state.client
 
 
 def wait_for_all(name: str) -> None:
@@ -139,12 +146,11 @@ def wait_for_all(name: str) -> None:
   that is ~30 s late ("Read timeout")."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # the coordination service's client
-  client = distributed.global_state.client
+  client = coordination_client()
   if client is None:
     multihost_utils.sync_global_devices(name)
   else:
-    client.wait_at_barrier(f"{name}_{next(_barriers)}", 24 * 3600 * 1000)
+    client.wait_at_barrier(f"{name}_{next(_barriers)}", BARRIER_TIMEOUT_MS)
 
 
 # ---------------------------------------------------------------------------------------------
