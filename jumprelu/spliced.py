@@ -70,6 +70,9 @@ def _sae_sums(lm_params, sae_params, tokens_BxL, clean, half_window, *, cfg, sit
       "sum_x": jnp.sum(x * kk, axis=(0, 1)),
       "xhat_xhat": jnp.sum(x_hat * x_hat * kk), "xhat_x": jnp.sum(x_hat * x * kk),
       "fires": jnp.sum((f != 0) * kk, axis=(0, 1)),
+      # [B] per context, for intervals over contexts (concatenated across batches, not summed)
+      "context_tokens": jnp.sum(w, axis=1),
+      "context_delta": jnp.sum((ce_sae - clean["ce_clean"]) * w, axis=1),
   }
   if arch == "jumprelu":
     pre = sae.pre_activations(sae_params, x)
@@ -114,7 +117,7 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
   pad = (-n) % batch if n else batch  # padding contexts made of padding tokens count nowhere
   tokens = np.concatenate([mine, np.full((pad, contexts_NxL.shape[1]), cfg.pad_id,
                                          np.int32)]) if pad else mine
-  totals = [None] * len(saes)
+  totals, contexts = [None] * len(saes), [None] * len(saes)
   bar = logs.progress(n, "evaluate", "ctx", every_s=10.0)
   for start in range(0, len(tokens), batch):
     tokens_BxL = _lm_batch(lm_params, tokens[start:start + batch])
@@ -123,16 +126,29 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
       sums = jax.device_get(_sae_sums(lm_params, params, tokens_BxL, clean,
                                       jnp.float32(half_windows[i]), cfg=cfg, site=site,
                                       arch=name, k=k))
+      per = {key: sums.pop(key) for key in _PER_CONTEXT}
       totals[i] = sums if totals[i] is None else jax.tree.map(np.add, totals[i], sums)
+      contexts[i] = per if contexts[i] is None else jax.tree.map(
+          lambda a, b: np.concatenate([a, b]), contexts[i], per)
     bar.update(min(start + batch, n) - bar.n)
   bar.close()
   if jax.process_count() > 1:  # [processes, ...] in process order, summed
     sharding.wait_for_all("jumprelu_evaluate_sums")
     totals = [jax.tree.map(lambda a: np.sum(a, axis=0), multihost_utils.process_allgather(t))
               for t in totals]
+  contexts = [jax.tree.map(lambda a: a[:n], t) for t in contexts]  # padding contexts dropped
+  if jax.process_count() > 1:  # each share padded to one length, gathered in process order
+    share = -(-len(contexts_NxL) // jax.process_count())
+    counts = [len(range(*process_share(len(contexts_NxL), p))) for p in range(jax.process_count())]
+    contexts = [jax.tree.map(lambda a: np.concatenate([g[:c] for g, c in zip(
+        multihost_utils.process_allgather(np.pad(a, (0, share - len(a)))), counts)]), t)
+        for t in contexts]
   results = []
-  for (name, k, params), t, hw in zip(saes, totals, half_windows):
-    r = {"arch": name, **summarize(t)}
+  for (name, k, params), t, hw, per in zip(saes, totals, half_windows, contexts):
+    r = {"arch": name, **summarize(t),
+         # per held-out context, in order: scored tokens and Σ (CE with the SAE − CE clean)
+         "context_tokens": per["context_tokens"].astype(int).tolist(),
+         "context_delta_lm_loss": per["context_delta"].astype(float).tolist()}
     if name == "topk":
       r["k"] = k
     if name == "jumprelu":
@@ -147,6 +163,7 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
 
 
 THRESHOLD_QUANTILES = (0, 5, 25, 50, 75, 95, 100)
+_PER_CONTEXT = ("context_tokens", "context_delta")
 
 
 def _lm_batch(lm_params, tokens_BxL: np.ndarray):

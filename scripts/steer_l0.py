@@ -8,7 +8,8 @@ Each run is configs/smollm2_135m.py (width 2048, 1,500 steps of 512, lr 1e-3, λ
 500 steps, θ₀ = 0.05) on an existing activation store (no harvest), trained as one vmapped
 ensemble into WORKDIR/RUN: a λ grid with the paper's L0 objective, or a grid of targets with the
 quadratic target-L0 objective (λ = 1), with θ trained directly (raw_*), through its log (log_*),
-or through its log with θ's updates scaled ×20 (log_lr20_*, optim.threshold_lr_scale). Every
+or through its log with θ's updates scaled ×20 (log_lr20_*, optim.threshold_lr_scale); raw_clip_*
+clips each SAE's gradient to global norm 1 (optim.grad_clip). Every
 member is then scored with the SAE spliced into the LM on the job's held-out contexts. Prints,
 per member, the training L0 (mean of the last three logged batches) and the held-out L0, FVU,
 delta LM loss and fraction of features that never fire there, then how far each grid spans and
@@ -42,6 +43,9 @@ RUNS = {
     "log_lambda": {**LOG, "sae.sparsity_loss": "l0", "sweep.sparsity_coefficient": LOG_LAMBDAS},
     # log θ with θ's updates ×20: at θ = θ₀ = 0.05 a step moves θ as far as a raw θ step
     "log_lr20_lambda": {**LOG, "optim.threshold_lr_scale": 20.0, "sae.sparsity_loss": "l0",
+                        "sweep.sparsity_coefficient": LAMBDAS},
+    # θ itself with each SAE's gradient clipped to global norm 1 (ablate.py's largest win)
+    "raw_clip_lambda": {**RAW, "optim.grad_clip": 1.0, "sae.sparsity_loss": "l0",
                         "sweep.sparsity_coefficient": LAMBDAS},
 }
 

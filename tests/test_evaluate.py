@@ -105,6 +105,14 @@ def test_every_architecture_evaluates_and_shared_clean_runs_change_nothing(setup
   assert together[-1]["delta_lm_loss"] > 0.01
   for key in ("ce_sae", "kl_clean_sae", "fvu", "delta_lm_loss"):
     assert together[-1][key] == pytest.approx(alone[key], rel=1e-6), key
+  # Per held-out context, in order (intervals over contexts): they add up to the totals, and
+  # context i's entry is what scoring context i alone gives.
+  tokens, delta = np.asarray(alone["context_tokens"]), np.asarray(alone["context_delta_lm_loss"])
+  assert len(tokens) == len(contexts) and tokens.min() > 0
+  assert delta.sum() / tokens.sum() == pytest.approx(alone["delta_lm_loss"], rel=1e-4)  # f32 sums
+  third = spliced.evaluate_lm(c, lm, lossy, contexts[2:3])
+  assert third["context_tokens"] == [tokens[2]]
+  assert third["context_delta_lm_loss"][0] == pytest.approx(delta[2], rel=1e-5, abs=1e-6)
 
 
 def test_jumprelu_threshold_distribution_and_ste_window(setup):

@@ -69,3 +69,7 @@ def test_live_training_and_evaluation_on_two_processes_match_one(tmp_path):
       if isinstance(v, float):
         assert eb[k] == pytest.approx(v, rel=1e-5, abs=1e-7), f"{name} {k}"
     np.testing.assert_allclose(eb["firing_frequency"], ea["firing_frequency"], atol=1e-7)
+    # Per-context sums are gathered in context order: the same lists from 1 or 2 processes.
+    assert eb["context_tokens"] == ea["context_tokens"] and len(ea["context_tokens"]) > 1
+    np.testing.assert_allclose(eb["context_delta_lm_loss"], ea["context_delta_lm_loss"],
+                               rtol=1e-5, atol=1e-5)
