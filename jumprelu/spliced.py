@@ -36,11 +36,15 @@ def _clean(lm_params, tokens_BxL, *, cfg, site, skip_positions):
   count_BxL = keep_BxL & jnp.pad(keep_BxL[:, 1:], ((0, 0), (0, 1)))  # this and next ordinary
   ablate = lambda a: jnp.where(keep_BxL[..., None], 0.0, a)
   clean_logits, x_BxLxW = model.forward(lm_params, cfg, tokens_BxL, site=site)
-  zero_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site, replace_fn=ablate)
+  if site.kind == "resid_post":  # resume after the site from the ablated residual
+    zero_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site,
+                                   resid_BxLxD=ablate(x_BxLxW))
+  else:
+    zero_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site, replace_fn=ablate)
   ce_clean, logp_clean = _ce_BxL(clean_logits, tokens_BxL)
   ce_zero, _ = _ce_BxL(zero_logits, tokens_BxL)
   return {"keep": keep_BxL, "count": count_BxL, "ce_clean": ce_clean, "ce_zero": ce_zero,
-          "logp_clean": logp_clean, "x": x_BxLxW.astype(jnp.float32)}
+          "logp_clean": logp_clean, "x": x_BxLxW.astype(jnp.float32), "x_site": x_BxLxW}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "site", "arch", "k"))
@@ -50,8 +54,12 @@ def _sae_sums(lm_params, sae_params, tokens_BxL, clean, half_window, *, cfg, sit
   keep_BxL = clean["keep"]
   reconstruct = lambda a: sae.decode(sae_params, arch_lib.features(
       sae_params, a.astype(jnp.float32), arch=arch, k=k))
-  splice = lambda a: jnp.where(keep_BxL[..., None], reconstruct(a), a)
-  sae_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site, replace_fn=splice)
+  splice = lambda a: jnp.where(keep_BxL[..., None], reconstruct(a).astype(a.dtype), a)
+  if site.kind == "resid_post":  # resume after the site from the spliced clean residual
+    sae_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site,
+                                  resid_BxLxD=splice(clean["x_site"]))
+  else:
+    sae_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site, replace_fn=splice)
   ce_sae, logp_sae = _ce_BxL(sae_logits, tokens_BxL)
   logp_clean = clean["logp_clean"]
   kl_BxL = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_sae), axis=-1)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from configs import base
 from jumprelu import cli, evaluate, files, run, spliced, train, validate
 from jumprelu import workdir as workdir_lib
 from jumprelu.lm import activations as lm_act
@@ -188,6 +189,20 @@ def test_evaluate_py_overrides_keys_of_the_saved_config(finished, monkeypatch):
   with pytest.raises(flags.Error):
     fv(argv[:2] + ["--config.eval.num_contxts=3"])
   assert cli.saved_config(["evaluate.py", f"--workdir={workdir}", "--config=x.py"]) is None
+
+
+def test_a_run_saved_before_a_key_existed_loads_with_its_default(tmp_path):
+  """An older DIR/config.json lacks keys added since (e.g. eval.split): they take base.py's
+  defaults, and every key it has keeps its saved value."""
+  old = base.get_config().to_dict()
+  del old["eval"]["split"], old["optim"]["grad_clip"]
+  old["sae"]["width"] = 96
+  with open(tmp_path / "config.json", "w") as fh:
+    json.dump(old, fh)
+  c = cli.saved_config(["evaluate.py", f"--workdir={tmp_path}"])
+  assert c.eval.split == base.get_config().eval.split
+  assert c.optim.grad_clip == base.get_config().optim.grad_clip
+  assert c.sae.width == 96 and c.eval.num_contexts == old["eval"]["num_contexts"]
 
 
 def test_missing_datasets_package_is_refused_before_any_work(tmp_path, model_dir, monkeypatch):

@@ -226,18 +226,24 @@ def forward(
     site: Site | None = None,
     stop_at_site: bool = False,
     replace_fn: Callable | None = None,
+    resid_BxLxD=None,
 ):
   """Runs the LM; returns (logits_BxLxV or None, activation_BxLxW at `site` or None).
 
   With `stop_at_site` no layer after the site is computed and logits are None. With `replace_fn`
   the site's activation is replaced by replace_fn(act) for the rest of the forward pass; the
-  returned activation is still the original one. Jit with
+  returned activation is still the original one. With `resid_BxLxD` (a resid_post site only)
+  the layers up to the site are skipped: the rest of the pass runs from that residual, as if
+  replace_fn had returned it, and the activation returned is None. Jit with
   `jax.jit(forward, static_argnames=("cfg", "site", "stop_at_site", "replace_fn"))`.
   """
   if site is not None:
     _check_site(cfg, site)
-  elif stop_at_site or replace_fn is not None:
-    raise ValueError("stop_at_site and replace_fn need a site.")
+  elif stop_at_site or replace_fn is not None or resid_BxLxD is not None:
+    raise ValueError("stop_at_site, replace_fn and resid_BxLxD need a site.")
+  if resid_BxLxD is not None and (site.kind != "resid_post" or stop_at_site or replace_fn):
+    raise ValueError(f"resid_BxLxD resumes after a resid_post site without stop_at_site or "
+                     f"replace_fn; got site kind {site.kind!r}")
   dt = jnp.dtype(cfg.dtype)
   gemma = cfg.family == "gemma2"
   B, L = tokens_BxL.shape
@@ -250,7 +256,7 @@ def forward(
     def hook(kind, a):
       """Records the site's activation and splices in replace_fn(activation)."""
       nonlocal act_BxLxW
-      if site is None or site.kind != kind:
+      if site is None or site.kind != kind or resid_BxLxD is not None:
         return a
       at_site = i == site.layer
       act_BxLxW = jnp.where(at_site, a, act_BxLxW)
@@ -272,13 +278,17 @@ def forward(
     x_BxLxD = hook("resid_post", x_BxLxD + m_BxLxD)
     return x_BxLxD, act_BxLxW
 
-  x_BxLxD = params["embed_VxD"][tokens_BxL].astype(dt)
-  if gemma:
-    # HF multiplies by sqrt(d_model) cast to the activation dtype (48.0 or 59.87 -> 60.0 in bf16).
-    x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.d_model), dt)
-  act_BxLxW = None if site is None else jnp.zeros((B, L, site_width(cfg, site)), dt)
-  n_run = site.layer + 1 if stop_at_site else cfg.n_layers  # Later layers are never run.
-  x_BxLxD, act_BxLxW = jax.lax.fori_loop(0, n_run, layer, (x_BxLxD, act_BxLxW))
+  if resid_BxLxD is not None:  # the layers after the site only; its hook never runs
+    x_BxLxD, act_BxLxW = jax.lax.fori_loop(site.layer + 1, cfg.n_layers, layer,
+                                           (resid_BxLxD.astype(dt), None))
+  else:
+    x_BxLxD = params["embed_VxD"][tokens_BxL].astype(dt)
+    if gemma:
+      # HF multiplies by sqrt(d_model) cast to the activation dtype (48.0 or 59.87 -> 60.0 in bf16).
+      x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.d_model), dt)
+    act_BxLxW = None if site is None else jnp.zeros((B, L, site_width(cfg, site)), dt)
+    n_run = site.layer + 1 if stop_at_site else cfg.n_layers  # Later layers are never run.
+    x_BxLxD, act_BxLxW = jax.lax.fori_loop(0, n_run, layer, (x_BxLxD, act_BxLxW))
   if stop_at_site:
     return None, act_BxLxW
 

@@ -232,6 +232,20 @@ def test_tiny_replace_fn_identity_changes_nothing(tiny):
   np.testing.assert_allclose(same_act, act, rtol=0, atol=1e-5)
 
 
+def test_tiny_resume_after_the_site_equals_replacing_there(tiny):
+  """resid_BxLxD (the spliced evaluation's shortcut) gives the logits replace_fn would."""
+  _, _, params, cfg, _, tokens_BxL = tiny
+  site = Site("resid_post", 1)
+  _, act = forward(params, cfg, tokens_BxL, site=site)
+  edited = act * 0.5 + 0.1  # a real change, not the identity
+  want, _ = forward(params, cfg, tokens_BxL, site=site, replace_fn=lambda a: a * 0.5 + 0.1)
+  got, none = forward(params, cfg, tokens_BxL, site=site, resid_BxLxD=edited)
+  assert none is None
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match="resid_post site .* got site kind 'mlp_out'"):
+    model.forward(params, cfg, tokens_BxL, site=Site("mlp_out", 1), resid_BxLxD=act)
+
+
 @pytest.mark.parametrize("kind", ["resid_post", "mlp_out", "attn_out"])
 def test_tiny_replace_fn_zeros_matches_transformers(tiny, kind):
   family, ref, params, cfg, _, tokens_BxL = tiny
