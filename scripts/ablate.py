@@ -54,6 +54,13 @@ VARIANTS = {
     "eps_0.003": {"sae.bandwidth": 0.003},
     "triangle": {"sae.kernel": "triangle"},
     "gaussian": {"sae.kernel": "gaussian"},
+    # gradient clipping (the one large win) combined with the next-best changes
+    "clip_raw": {"optim.grad_clip": 1.0, "sae.threshold_param": "raw"},
+    "clip_raw_theta0_0.3": {"optim.grad_clip": 1.0, "sae.threshold_param": "raw",
+                            "sae.threshold_init": 0.3},
+    "clip_free_decoder": {"optim.grad_clip": 1.0, "sae.decoder_norm": "free"},
+    "clip_raw_theta0_0.3_free": {"optim.grad_clip": 1.0, "sae.threshold_param": "raw",
+                                 "sae.threshold_init": 0.3, "sae.decoder_norm": "free"},
 }
 
 

@@ -12,9 +12,10 @@ delta LM loss is interpolated linearly in log L0 between the two members of the 
 L0 bracket it, per held-out context (the same weights on each context's summed loss). The
 difference is averaged over seeds. Its 95% interval adds two independent sources of spread in
 quadrature: which held-out contexts were scored (a bootstrap over contexts, the seeds kept
-together) and which seeds were trained (Student's t over the seeds' differences). A variant (one
-seed) is compared with the headline JumpReLU's seed mean at its own L0 the same way, its seed
-spread taken to be the headline's.
+together) and which seeds were trained (Student's t over the seeds' differences). A variant is
+compared at its own L0 with the headline JumpReLU of the same seed (same init, same batches),
+the paired differences averaged over its seeds; for a one-seed variant the seed part is √2 ×
+the headline's seed sd.
 """
 import argparse
 import json
@@ -88,7 +89,7 @@ def interval(diffs_SxC: np.ndarray, ntok_C: np.ndarray, seed_sd: float | None = 
   boot = diffs_SxC.mean(0)[idx].sum(1) / ntok_C[idx].sum(1)
   ctx = 1.96 * float(boot.std(ddof=1))
   S = len(per_seed)
-  if seed_sd is not None:
+  if seed_sd is not None:  # one seed: its spread as given
     seed = 1.96 * seed_sd
   elif S > 1:
     seed = T_975.get(S - 1, 1.96) * float(per_seed.std(ddof=1)) / math.sqrt(S)
@@ -107,8 +108,10 @@ def points(records, run: str) -> dict[str, list[dict]]:
 
 
 def ms(values, fmt="{:.3f}") -> str:
+  """mean ± sd (sd unsigned, as the mean's format without its sign)."""
   v = np.asarray(values, np.float64)
-  return fmt.format(v.mean()) + ("" if len(v) < 2 else " ± " + fmt.format(v.std(ddof=1)))
+  sd = "" if len(v) < 2 else " ± " + fmt.replace("+", "").format(v.std(ddof=1))
+  return fmt.format(v.mean()) + sd
 
 
 def point_table(records) -> str:
@@ -184,34 +187,34 @@ def equal_l0_table(rows) -> str:
 
 
 def variant_table(records, curves) -> str:
-  """Each variant against the headline JumpReLU (seed mean) at the variant's L0."""
-  per_seed = []
-  for seed, curve in curves.items():  # the headline's seed spread at its middle members
-    per_seed.append([r["delta_lm_loss"] for r in sorted(curve, key=lambda r: r["l0"])])
-  spread = float(np.mean(np.std(np.asarray(per_seed), axis=0, ddof=1))) if len(per_seed) > 1 \
-      else float("nan")
-  out = ["| variant | member | L0 | FVU | ΔLM loss | headline JumpReLU ΔLM at this L0 | "
-         "variant − JumpReLU (95% CI) | % dead | % >10% | verdict |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in records:
-    if r["run"] in HEADLINE:
-      continue
-    at = [jumprelu_at(c, r["l0"]) for c in curves.values()]
-    if not at or any(a is None for a in at):
-      out.append(f"| {r['run']} | {r['member']} | {r['l0']:.1f} | {r['fvu']:.3f} | "
-                 f"{r['delta_lm_loss']:.3f} | outside JumpReLU's L0 range | | "
-                 f"{100 * r['frac_features_dead_on_eval']:.1f} | "
-                 f"{100 * r['frac_features_over_10pct']:.1f} | |")
-      continue
-    ref = np.mean([a[0] for a in at], axis=0)
-    d = (r["ctx"] - ref)[None]
-    # one seed of the variant: its spread ~ the headline's, plus the headline mean's own
-    mean, half, _, _ = interval(d, r["ntok"], seed_sd=spread * math.sqrt(1 + 1 / len(at)))
-    out.append(f"| {r['run']} | {r['member']} | {r['l0']:.1f} | {r['fvu']:.3f} | "
-               f"{r['delta_lm_loss']:.3f} | {ref.sum() / r['ntok'].sum():.3f} | "
-               f"{mean:+.4f} ± {half:.4f} | {100 * r['frac_features_dead_on_eval']:.1f} | "
-               f"{100 * r['frac_features_over_10pct']:.1f} | "
-               f"{verdict(mean, half, 'variant')} |")
+  """Each variant point against the headline JumpReLU of the same seed (same init, same batches)
+  at the variant's L0, the paired differences averaged over the variant's seeds."""
+  per_seed = [[r["delta_lm_loss"] for r in sorted(c, key=lambda r: r["l0"])]
+              for c in curves.values()]
+  # The spread of one seed's JumpReLU − JumpReLU-like difference, for one-seed variants: √2 ×
+  # the headline's seed sd (two independent seeds), averaged over its members.
+  spread = (math.sqrt(2) * float(np.mean(np.std(np.asarray(per_seed), axis=0, ddof=1)))
+            if len(per_seed) > 1 else float("nan"))
+  out = ["| variant | member | seeds | L0 | FVU | ΔLM loss | JumpReLU ΔLM at this L0 | "
+         "variant − JumpReLU ΔLM (95% CI) | % dead | % >10% | verdict |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  runs = sorted({r["run"] for r in records} - set(HEADLINE))
+  for run in runs:
+    for member, rs in sorted(points(records, run).items(), key=lambda kv: kv[1][0]["l0"]):
+      at = [jumprelu_at(curves.get(r["seed"], []), r["l0"]) for r in rs]
+      cells = (f"| {run} | {member} | {len(rs)} | {ms([r['l0'] for r in rs], '{:.1f}')} | "
+               f"{ms([r['fvu'] for r in rs])} | {ms([r['delta_lm_loss'] for r in rs])} | ")
+      tail = (f" | {ms([100 * r['frac_features_dead_on_eval'] for r in rs], '{:.1f}')} | "
+              f"{ms([100 * r['frac_features_over_10pct'] for r in rs], '{:.1f}')} | ")
+      if any(a is None for a in at):
+        out.append(cells + "outside JumpReLU's L0 range | " + tail + " |")
+        continue
+      d = np.stack([r["ctx"] - a[0] for r, a in zip(rs, at)])
+      ntok = rs[0]["ntok"]
+      ref = float(np.mean([a[0].sum() for a in at]) / ntok.sum())
+      mean, half, _, _ = interval(d, ntok, seed_sd=spread if len(rs) == 1 else None)
+      out.append(cells + f"{ref:.3f} | {mean:+.4f} ± {half:.4f}" + tail +
+                 f"{verdict(mean, half, 'variant')} |")
   return "\n".join(out)
 
 
@@ -266,7 +269,7 @@ def main(argv=None):
       "## JumpReLU against each architecture at equal L0",
       "Negative: JumpReLU has the lower delta LM loss. The interval is 95%: contexts "
       "(bootstrap) and seeds (Student's t) in quadrature.", equal_l0_table(rows),
-      "## Every other objective and option (seed 0) against the headline JumpReLU",
+      "## Every other objective and option against the headline JumpReLU",
       "Negative: the variant has the lower delta LM loss than the headline JumpReLU at its L0.",
       variant_table(records, curves)])
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
