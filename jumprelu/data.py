@@ -408,7 +408,8 @@ def open_npy(path: str, seed: int = 0, sampler: str = "auto", block_rows: int = 
 
 def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int = 0,
               noise_std: float = 0.02, freq_exponent: float = 0.5, magnitude_sigma: float = 0.5,
-              chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, dict]:
+              chunk: int = 65536, with_active: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, dict]:
   """Activations built from known features in superposition (n_features > d).
 
   Each feature fires independently, the i-th most frequent with a frequency ∝ i^−freq_exponent
@@ -416,7 +417,8 @@ def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int
   the mean L0 is `mean_l0`, capped at 1/2; active magnitudes are heavy-tailed (log-normal, median
   1, log-σ `magnitude_sigma`); the other features' directions overlap, so an inactive feature's
   pre-activation is low noise, not zero (as in the paper's Figure 1). Returns x [n_rows, d]
-  float32, the true dictionary [n_features, d] (unit rows) and facts (true L0, frequencies).
+  float32, the true dictionary [n_features, d] (unit rows) and facts (true L0, frequencies;
+  with_active, also "active": which features fire in each row, [n_rows, n_features] bool).
   """
   rng = np.random.default_rng(seed)
   dict_GxD = rng.standard_normal((n_features, d))
@@ -425,6 +427,7 @@ def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int
   freq_G = np.minimum(freq_G * mean_l0 / freq_G.sum(), 0.5)
   rng.shuffle(freq_G)
   x = np.empty((n_rows, d), np.float32)
+  active_NxG = np.empty((n_rows, n_features), bool) if with_active else None
   l0 = 0
   for lo in range(0, n_rows, chunk):
     n = min(chunk, n_rows - lo)
@@ -432,7 +435,10 @@ def synthetic(n_rows: int, d: int, n_features: int, mean_l0: float, *, seed: int
     mags = rng.lognormal(0.0, magnitude_sigma, (n, n_features)) * active
     l0 += int(active.sum())
     x[lo:lo + n] = mags @ dict_GxD + noise_std * rng.standard_normal((n, d))
-  return x, dict_GxD.astype(np.float32), {"true_l0": l0 / n_rows, "freq": freq_G}
+    if with_active:
+      active_NxG[lo:lo + n] = active
+  facts = {"true_l0": l0 / n_rows, "freq": freq_G}
+  return x, dict_GxD.astype(np.float32), {**facts, "active": active_NxG} if with_active else facts
 
 
 def save_synthetic(directory: str, x: np.ndarray, dict_GxD: np.ndarray, facts: dict) -> None:

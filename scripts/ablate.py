@@ -104,27 +104,52 @@ def train_in_process(c, source):
   return jax.device_get(state), members
 
 
-def measure(c, params, norm_scale, x_NxD, true_GxD) -> dict:
-  """L0, FVU and recovery of one SAE's training params on raw rows x (FVU is scale-free)."""
+def measure(c, params, norm_scale, x_NxD, true_GxD, active_NxG=None) -> dict:
+  """L0, FVU and recovery of one SAE's training params on raw rows x (FVU is scale-free), and
+  with the rows' true active features, where its firings go (firings())."""
   xn = x_NxD / norm_scale
   f = np.asarray(jax.jit(lambda p, x: arch.features(p, x, arch=c.sae.arch, k=c.sae.k))(params, xn))
   x_hat = f @ np.asarray(params["W_dec"]) + np.asarray(params["b_dec"])
   cos = data.best_cosines(np.asarray(params["W_dec"]), true_GxD)
-  return {"l0": float(np.mean(np.sum(f != 0, axis=1))),
-          "fvu": float(np.sum((xn - x_hat) ** 2) / np.sum((xn - xn.mean(0)) ** 2)),
-          "recovery": float(np.mean(cos)), "above": float(np.mean(cos > recovery.THRESHOLD))}
+  out = {"l0": float(np.mean(np.sum(f != 0, axis=1))),
+         "fvu": float(np.sum((xn - x_hat) ** 2) / np.sum((xn - xn.mean(0)) ** 2)),
+         "recovery": float(np.mean(cos)), "above": float(np.mean(cos > recovery.THRESHOLD))}
+  if active_NxG is not None:
+    out.update(firings(f != 0, np.asarray(params["W_dec"]), true_GxD, active_NxG))
+  return out
 
 
-def run_variant(name: str, c, source, x, true_GxD, true_l0) -> dict:
+def firings(fires_NxF, W_dec_FxD, true_GxD, active_NxG) -> dict:
+  """Where an SAE's L0 goes on rows with known true features. Each latent's owner is the true
+  feature its decoder row is closest to; it is aligned when that cosine is above 0.9. Of all
+  firings: "owned" (aligned latent, its owner active in the row), "spurious" (aligned latent,
+  owner inactive: firing on the other features' interference and the noise) and "unaligned"
+  (a latent that is no true feature's direction); "recall": of the true features' activations
+  whose best latent is aligned, the fraction where that latent fires."""
+  w = W_dec_FxD / np.linalg.norm(W_dec_FxD, axis=1, keepdims=True)
+  cos_FxG = w @ (true_GxD / np.linalg.norm(true_GxD, axis=1, keepdims=True)).T
+  owner_F, aligned_F = cos_FxG.argmax(1), cos_FxG.max(1) > recovery.THRESHOLD
+  total = max(int(fires_NxF.sum()), 1)
+  owner_active_NxF = active_NxG[:, owner_F]
+  best_G = cos_FxG.argmax(0)
+  found_G = cos_FxG.max(0) > recovery.THRESHOLD
+  hits = (fires_NxF[:, best_G] & active_NxG)[:, found_G].sum()
+  return {"owned": float((fires_NxF & owner_active_NxF)[:, aligned_F].sum() / total),
+          "spurious": float((fires_NxF & ~owner_active_NxF)[:, aligned_F].sum() / total),
+          "unaligned": float(fires_NxF[:, ~aligned_F].sum() / total),
+          "recall": float(hits / max(int(active_NxG[:, found_G].sum()), 1))}
+
+
+def run_variant(name: str, c, source, x, true_GxD, true_l0, active=None) -> dict:
   t0 = time.time()
   state, members = train_in_process(c, source)
   norm = float(state.norm_scale)
   if members:
-    rows = [{"member": m, **measure(c, sweep.take(state.params, i), norm, x, true_GxD)}
+    rows = [{"member": m, **measure(c, sweep.take(state.params, i), norm, x, true_GxD, active)}
             for i, (m, _) in enumerate(members)]
     at = recovery.at_l0(rows, true_l0)
   else:
-    rows = [{"member": "-", **measure(c, state.params, norm, x, true_GxD)}]
+    rows = [{"member": "-", **measure(c, state.params, norm, x, true_GxD, active)}]
     at = rows[0] if abs(rows[0]["l0"] - true_l0) < 0.5 else None
   return {"name": name, "rows": rows, "at": at, "seconds": time.time() - t0}
 
@@ -138,6 +163,8 @@ def main():
   p.add_argument("--lambdas", default=",".join(map(str, LAMBDAS)),
                  help="JumpReLU λ grid (one ensemble per variant), read at the true L0")
   p.add_argument("--out", default="", help="append each variant's result as a JSON line here")
+  p.add_argument("--firings", action="store_true",
+                 help="with --members: where each SAE's firings go (ablate.firings)")
   args = p.parse_args()
   names = [n for n in args.only.split(",") if n] or list(VARIANTS)
   unknown = [n for n in names if n not in VARIANTS]
@@ -148,10 +175,10 @@ def main():
 
   first = configs[names[0]]
   source, _ = _source(first)
-  x, true_GxD, true_l0 = recovery.held_out(first)
+  x, true_GxD, true_l0, *active = recovery.held_out(first, with_active=args.firings)
   results = []
   for n in names:
-    r = run_variant(n, configs[n], source, x, true_GxD, true_l0)
+    r = run_variant(n, configs[n], source, x, true_GxD, true_l0, *active)
     results.append(r)
     print(f"{n}: {r['seconds']:.0f} s: {_row(r, true_l0)}", flush=True)
     if args.out:
@@ -160,15 +187,17 @@ def main():
 
   print(f"\ntrue L0 {true_l0:.2f}; {first.train.num_steps} steps of {first.train.batch_size}; "
         f"held-out rows {recovery.HELD_OUT}; JumpReLU λ grid {lambdas} read at L0*")
-  print(f"| variant | L0 | FVU | cos | >0.9 | changed keys |\n|---|---|---|---|---|---|")
+  print("| variant | L0 | FVU | cos | >0.9 | changed keys |\n|---|---|---|---|---|---|")
   for r in results:
     print(_row(r, true_l0))
   if args.members:
-    print(f"\n{'variant':<16} {'member':<12} {'L0':>6} {'FVU':>6} {'cos':>6} {'>0.9':>6}")
+    extra = ("owned", "spurious", "unaligned", "recall") if args.firings else ()
+    print(f"\n{'variant':<16} {'member':<12} {'L0':>6} {'FVU':>6} {'cos':>6} {'>0.9':>6}"
+          + "".join(f" {e:>9}" for e in extra))
     for r in results:
       for m in r["rows"]:
         print(f"{r['name']:<16} {m['member']:<12} {m['l0']:6.2f} {m['fvu']:6.3f} "
-              f"{m['recovery']:6.3f} {m['above']:6.3f}")
+              f"{m['recovery']:6.3f} {m['above']:6.3f}" + "".join(f" {m[e]:9.3f}" for e in extra))
 
 
 def _row(r: dict, true_l0: float) -> str:

@@ -62,16 +62,18 @@ def method_config(name: str, args):
   return c
 
 
-def held_out(c):
-  """(x [HELD_OUT, D], the true dictionary [G, D], the data's true L0) for c's data."""
+def held_out(c, with_active: bool = False):
+  """(x [HELD_OUT, D], the true dictionary [G, D], the data's true L0) for c's data, and with
+  with_active the rows' true active features [HELD_OUT, G] (bool) after them."""
   s = c.data.synthetic
+  if s.n_rows % 65536:  # data.synthetic draws rows in chunks of 65,536
+    raise ValueError("data.synthetic.n_rows must be a multiple of 65536 for the held-out rows")
   x, true_GxD, facts = data.synthetic(s.n_rows + HELD_OUT, c.data.d_in, s.n_features, s.mean_l0,
                                   seed=s.seed, noise_std=s.noise_std,
                                   freq_exponent=s.freq_exponent,
-                                  magnitude_sigma=s.magnitude_sigma)
-  if s.n_rows % 65536:  # data.synthetic draws rows in chunks of 65,536
-    raise ValueError("data.synthetic.n_rows must be a multiple of 65536 for the held-out rows")
-  return x[s.n_rows:], true_GxD, facts["true_l0"]
+                                  magnitude_sigma=s.magnitude_sigma, with_active=with_active)
+  out = (x[s.n_rows:], true_GxD, facts["true_l0"])
+  return out + (facts["active"][s.n_rows:],) if with_active else out
 
 
 def measure(run_dir: str, x_NxD, true_GxD) -> dict:

@@ -97,3 +97,17 @@ def test_corpus_cuts_files_into_documents_at_blank_lines(tmp_path):
       "four", "one\n\ntwo two", "three three three"]
   with pytest.raises(SystemExit, match="apt-get install python3.11-doc"):
     corpus.documents(str(tmp_path / "nothing"), 100)
+
+
+def test_firings_split_an_saes_l0_by_where_it_goes():
+  """scripts/ablate.firings on a hand-made case: 2 true features, 3 latents (the third between
+  them, aligned with neither), 4 rows."""
+  from scripts import ablate
+  true_GxD = np.eye(2, dtype=np.float32)
+  W_dec_FxD = np.asarray([[1, 0], [0, 2], [1, 1]], np.float32)
+  active_NxG = np.asarray([[1, 0], [0, 1], [0, 0], [1, 0]], bool)
+  fires_NxF = np.asarray([[1, 0, 1], [1, 1, 0], [0, 0, 0], [0, 0, 0]], bool)
+  got = ablate.firings(fires_NxF, W_dec_FxD, true_GxD, active_NxG)
+  # 4 firings: latent 0 in row 0 and latent 1 in row 1 are owned; latent 0 in row 1 fires with
+  # its feature off; latent 2 is unaligned. Of the 3 true activations, 2 see their latent fire.
+  assert got == {"owned": 0.5, "spurious": 0.25, "unaligned": 0.25, "recall": pytest.approx(2 / 3)}
