@@ -7,7 +7,7 @@
 #      harvests 400k activations at resid_post.14 into the store every other run reads;
 #   3. every other objective and option once (seed 0): configs/smollm2_sweep.py's VARIANTS, and
 #      JumpReLU without gradient clipping for all three seeds;
-#   4. every SAE scored with it spliced into the LM on the same 128 held-out contexts
+#   4. every SAE scored with it spliced into the LM on the same 96 held-out contexts
 #      (scripts/evaluate_runs.py, the clean LM runs shared);
 #   5. the tables with intervals and the plots with error bars (scripts/compare.py).
 # Every step resumes from what is on disk: rerun the script after an interruption.
@@ -39,7 +39,7 @@ for seed in 1 2; do  # the default's one open question, with the headline's seed
   train no_grad_clip "$seed"
 done
 
-python scripts/evaluate_runs.py --num_contexts 128 "$OUT"/runs/*
+python scripts/evaluate_runs.py --num_contexts 96 "$OUT"/runs/*
 python scripts/compare.py --runs "$OUT/runs" --out "$DOCS/reproduction_results.md" \
   --figures "$DOCS/figures"
 echo "reproduce.sh: $(( ($(date +%s) - start) / 60 )) min"
