@@ -125,19 +125,28 @@ def firings(fires_NxF, W_dec_FxD, true_GxD, active_NxG) -> dict:
   firings: "owned" (aligned latent, its owner active in the row), "spurious" (aligned latent,
   owner inactive: firing on the other features' interference and the noise) and "unaligned"
   (a latent that is no true feature's direction); "recall": of the true features' activations
-  whose best latent is aligned, the fraction where that latent fires."""
+  whose best latent is aligned, the fraction where that latent fires; the mean best cosine of
+  the rarest and of the most frequent third of the true features; the fraction of latents that
+  never fire on the rows ("dead")."""
   w = W_dec_FxD / np.linalg.norm(W_dec_FxD, axis=1, keepdims=True)
   cos_FxG = w @ (true_GxD / np.linalg.norm(true_GxD, axis=1, keepdims=True)).T
   owner_F, aligned_F = cos_FxG.argmax(1), cos_FxG.max(1) > recovery.THRESHOLD
   total = max(int(fires_NxF.sum()), 1)
   owner_active_NxF = active_NxG[:, owner_F]
-  best_G = cos_FxG.argmax(0)
   found_G = cos_FxG.max(0) > recovery.THRESHOLD
-  hits = (fires_NxF[:, best_G] & active_NxG)[:, found_G].sum()
+  hits = (fires_NxF[:, cos_FxG.argmax(0)] & active_NxG)[:, found_G].sum()
+  # Best cosine of the rarest and the most frequent third of the true features, and the
+  # latents that never fire on these rows.
+  order_G = np.argsort(active_NxG.mean(0))
+  third = max(1, len(order_G) // 3)
+  best_G = cos_FxG.max(0)
   return {"owned": float((fires_NxF & owner_active_NxF)[:, aligned_F].sum() / total),
           "spurious": float((fires_NxF & ~owner_active_NxF)[:, aligned_F].sum() / total),
           "unaligned": float(fires_NxF[:, ~aligned_F].sum() / total),
-          "recall": float(hits / max(int(active_NxG[:, found_G].sum()), 1))}
+          "recall": float(hits / max(int(active_NxG[:, found_G].sum()), 1)),
+          "cos_rare": float(best_G[order_G[:third]].mean()),
+          "cos_frequent": float(best_G[order_G[-third:]].mean()),
+          "dead": float(np.mean(~fires_NxF.any(0)))}
 
 
 def run_variant(name: str, c, source, x, true_GxD, true_l0, active=None) -> dict:
@@ -191,7 +200,8 @@ def main():
   for r in results:
     print(_row(r, true_l0))
   if args.members:
-    extra = ("owned", "spurious", "unaligned", "recall") if args.firings else ()
+    extra = (("owned", "spurious", "unaligned", "recall", "cos_rare", "cos_frequent", "dead")
+             if args.firings else ())
     print(f"\n{'variant':<16} {'member':<12} {'L0':>6} {'FVU':>6} {'cos':>6} {'>0.9':>6}"
           + "".join(f" {e:>9}" for e in extra))
     for r in results:

@@ -110,4 +110,8 @@ def test_firings_split_an_saes_l0_by_where_it_goes():
   got = ablate.firings(fires_NxF, W_dec_FxD, true_GxD, active_NxG)
   # 4 firings: latent 0 in row 0 and latent 1 in row 1 are owned; latent 0 in row 1 fires with
   # its feature off; latent 2 is unaligned. Of the 3 true activations, 2 see their latent fire.
-  assert got == {"owned": 0.5, "spurious": 0.25, "unaligned": 0.25, "recall": pytest.approx(2 / 3)}
+  assert got == {"owned": 0.5, "spurious": 0.25, "unaligned": 0.25, "recall": pytest.approx(2 / 3),
+                 "cos_rare": 1.0, "cos_frequent": 1.0, "dead": 0.0}
+  got = ablate.firings(fires_NxF * [1, 1, 0], W_dec_FxD * [[1], [1], [1]], true_GxD,
+                       active_NxG * [1, 0])  # latent 2 silenced; feature 1 never active
+  assert got["dead"] == pytest.approx(1 / 3)
