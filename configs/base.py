@@ -107,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.k = 64  # topk: latents kept per token
   c.sae.k_aux = 512  # topk: dead latents that reconstruct the residual in AuxK (Gao et al.)
   c.sae.aux_coefficient = 1 / 32  # topk, batchtopk: weight α of the AuxK loss (Gao et al.)
+  # jumprelu: α of the same AuxK loss on its dead latents (k_aux of them; 0: off, the paper's)
+  c.sae.jumprelu_auxk = 0.0
   # batchtopk: β of the inference threshold's running mean θ ← β·θ + (1 − β)·(min kept activation)
   c.sae.batchtopk_threshold_decay = 0.999
   # jumprelu: "l0" (λ·L0, the paper's) | "target_l0" (λ·(L0/target − 1)², Gemma Scope 2) | "tanh"

@@ -60,6 +60,8 @@ def value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F):
           matmul_dtype=c.train.matmul_dtype)
     theta_F = sae.threshold(params)
     loss_fn = _matryoshka(c, _jumprelu_loss_fn(c, x_BxD, hp), x_BxD)
+    if c.sae.jumprelu_auxk:
+      loss_fn = _with_auxk(loss_fn, x_BxD, c.sae.jumprelu_auxk, c.sae.k_aux, dead_F)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     aux["fired_F"] = jnp.any(aux["pre_BxF"] > theta_F, axis=0)
     aux["in_window"] = jnp.mean(jnp.abs(aux["pre_BxF"] - theta_F) < 0.5 * hp["bandwidth"])
@@ -96,6 +98,17 @@ def _jumprelu_loss_fn(c, x_BxD, hp):
       sparsity_loss=s.sparsity_loss, target_l0=hp["target_l0"], tanh_scale=s.tanh_scale,
       pre_act_coefficient=s.pre_act_coefficient, frequency_coefficient=mu,
       frequency_max=s.frequency_max, matmul_dtype=c.train.matmul_dtype)
+
+
+def _with_auxk(loss_fn, x_BxD, alpha, k_aux: int, dead_F):
+  """loss_fn + α·AuxK: the dead latents' top k_aux ReLU'd pre-activations reconstruct the
+  residual, as TopK's auxiliary loss (baselines.topk_loss), so a latent the L0 penalty has
+  silenced keeps learning a direction the live ones miss. aux gains "auxk"."""
+  def fn(p):
+    total, aux = loss_fn(p)
+    auxk = baselines._auxk(p, x_BxD, aux["x_hat_BxD"], aux["pre_BxF"], k_aux, dead_F)
+    return total + alpha * auxk, {**aux, "auxk": auxk}
+  return fn
 
 
 def _matryoshka(c, loss_fn, x_BxD):

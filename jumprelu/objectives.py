@@ -31,7 +31,7 @@ def uses_paper_loss(c) -> bool:
   """True when a JumpReLU config trains on exactly Eq. 10 (sae.loss, or sparse.py's step)."""
   s = c.sae
   return (s.sparsity_loss == "l0" and s.pre_act_coefficient == 0 and
-          s.frequency_coefficient == 0 and not s.matryoshka_prefixes)
+          s.frequency_coefficient == 0 and not s.matryoshka_prefixes and not s.jumprelu_auxk)
 
 
 # ----------------------------------------------------------------------------- the tanh penalty

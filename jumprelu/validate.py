@@ -187,6 +187,7 @@ def _check_objectives(c, need) -> None:
   need(s.tanh_scale > 0, "sae.tanh_scale", "> 0")
   need(s.pre_act_coefficient >= 0, "sae.pre_act_coefficient", ">= 0 (0: off)")
   need(s.frequency_coefficient >= 0, "sae.frequency_coefficient", ">= 0 (0: off)")
+  need(s.jumprelu_auxk >= 0, "sae.jumprelu_auxk", ">= 0 (0: off)")
   need(0 < s.frequency_max < 1, "sae.frequency_max", "in (0, 1) (a fraction of tokens)")
   # Another architecture would ignore JumpReLU's objectives in silence.
   other = f"when sae.arch={s.arch!r} (they are JumpReLU's objectives)"
@@ -194,6 +195,7 @@ def _check_objectives(c, need) -> None:
     need(s.sparsity_loss == "l0", "sae.sparsity_loss", f"'l0' {other}")
     need(s.pre_act_coefficient == 0, "sae.pre_act_coefficient", f"0 {other}")
     need(s.frequency_coefficient == 0, "sae.frequency_coefficient", f"0 {other}")
+    need(s.jumprelu_auxk == 0, "sae.jumprelu_auxk", f"0 {other}; TopK's is sae.aux_coefficient")
   need(not c.sweep.target_l0 or s.sparsity_loss == "target_l0", "sweep.target_l0",
        "empty unless sae.sparsity_loss='target_l0'")
   prefixes = s.matryoshka_prefixes
@@ -202,8 +204,8 @@ def _check_objectives(c, need) -> None:
       1 <= a < b for a, b in zip(prefixes, [*prefixes[1:], s.width])), "sae.matryoshka_prefixes",
        f"a tuple of increasing ints in [1, sae.width={s.width}) (empty: no Matryoshka loss)")
   need(c.train.step_impl != "sparse" or objectives.uses_paper_loss(c), "train.step_impl",
-       "'dense' with sae.sparsity_loss other than 'l0', a pre-activation or frequency penalty, or "
-       "Matryoshka prefixes (the sparse step computes the paper's loss only)")
+       "'dense' with sae.sparsity_loss other than 'l0', a pre-activation or frequency penalty, "
+       "Matryoshka prefixes or sae.jumprelu_auxk (the sparse step computes the paper's loss only)")
 
 
 def check_keys(c) -> None:

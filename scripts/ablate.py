@@ -61,6 +61,11 @@ VARIANTS = {
     "clip_free_decoder": {"optim.grad_clip": 1.0, "sae.decoder_norm": "free"},
     "clip_raw_theta0_0.3_free": {"optim.grad_clip": 1.0, "sae.threshold_param": "raw",
                                  "sae.threshold_init": 0.3, "sae.decoder_norm": "free"},
+    # TopK's AuxK on JumpReLU's dead latents (α as Gao et al.'s 1/32, and larger)
+    "clip_auxk": {"optim.grad_clip": 1.0, "sae.jumprelu_auxk": 1 / 32},
+    "clip_auxk_0.25": {"optim.grad_clip": 1.0, "sae.jumprelu_auxk": 0.25},
+    "clip_raw_auxk": {"optim.grad_clip": 1.0, "sae.threshold_param": "raw",
+                      "sae.jumprelu_auxk": 1 / 32},
 }
 
 

@@ -375,3 +375,51 @@ def test_target_l0_steers_l0_to_the_target(tmp_path):
 def test_bad_objective_configs_are_refused(overrides, message):
   with pytest.raises(ValueError, match=message):
     validate.check_config(tiny(**overrides))
+
+
+# ----------------------------------------------------------------------------- JumpReLU's AuxK
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_jumprelu_auxk_is_topks_auxiliary_loss_on_its_dead_latents(jit):
+  """sae.jumprelu_auxk = α: the paper's loss + α·AuxK (numpy), 0 with nothing dead, and its
+  gradient reaches only the dead latents' encoder columns and decoder rows."""
+  from jumprelu import arch
+  alpha, k_aux = 0.5, 2
+  p, x = _params("raw"), _x()
+  dead = np.arange(F) % 3 == 0  # latents 0, 3, 6
+  c = tiny(**{"sae.width": F, "sae.jumprelu_auxk": alpha, "sae.k_aux": k_aux,
+              "sae.bandwidth": EPS, "train.step_impl": "dense"})
+  hp = {"sparsity_coefficient": jnp.float32(0.1), "bandwidth": jnp.float32(EPS), "k": 0,
+        "target_l0": jnp.float32(1.0), "warmup": jnp.float32(1.0)}
+  vg = _maybe_jit(lambda q, d: arch.value_and_grad(c, q, x, hp, d), jit)
+  (loss, aux), g = vg(p, jnp.asarray(dead))
+  (paper, _), g_paper = jax.value_and_grad(lambda q: sae.loss(
+      q, x, sparsity_coefficient=0.1, bandwidth=EPS), has_aux=True)(p)
+  pn = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  pre = np.maximum(x @ pn["W_enc"] + pn["b_enc"], 0)
+  e = x - np.asarray(aux["x_hat_BxD"], np.float64)
+  ranked = np.where(dead, pre, -1.0)
+  top = np.argsort(-ranked, axis=1)[:, :k_aux]
+  z = np.zeros_like(pre)
+  np.put_along_axis(z, top, np.take_along_axis(pre, top, 1), 1)
+  z = np.where(dead, z, 0)
+  auxk = np.sum((e - z @ pn["W_dec"]) ** 2) / np.sum((e - e.mean(0)) ** 2)
+  assert auxk > 0.1 and np.any(z)
+  np.testing.assert_allclose(aux["auxk"], auxk, rtol=1e-5)
+  np.testing.assert_allclose(loss, paper + alpha * auxk, rtol=1e-5)
+  g_aux = {k: np.asarray(g[k]) - np.asarray(g_paper[k]) for k in g}
+  assert np.abs(g_aux["W_enc"][:, dead]).max() > 1e-4
+  np.testing.assert_allclose(g_aux["W_enc"][:, ~dead], 0, atol=1e-6)
+  np.testing.assert_allclose(g_aux["W_dec"][~dead], 0, atol=1e-6)
+  np.testing.assert_allclose(g_aux["b_dec"], 0, atol=1e-6)  # the bias is the main loss's
+  (loss0, aux0), _ = vg(p, jnp.zeros(F, bool))
+  assert aux0["auxk"] == 0 and np.isclose(loss0, paper, rtol=1e-6)
+
+
+def test_jumprelu_auxk_is_refused_where_it_would_be_ignored():
+  for overrides, wanted in (({"sae.arch": "topk"}, "sae.jumprelu_auxk must be 0 when"),
+                            ({"train.step_impl": "sparse"}, "train.step_impl must be 'dense'"),
+                            ({"sae.jumprelu_auxk": -1.0}, "sae.jumprelu_auxk must be >= 0")):
+    c = tiny(**{"sae.jumprelu_auxk": 0.03, **overrides})
+    with pytest.raises(ValueError, match=wanted):
+      validate.check_config(c)
