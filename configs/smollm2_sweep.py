@@ -30,7 +30,6 @@ VARIANTS = {
     "matryoshka": {"sae.matryoshka_prefixes": (64, 256)},
     "batchtopk_matryoshka": {"sae.arch": "batchtopk", "sae.k": 32,
                              "sae.matryoshka_prefixes": (64, 256)},
-    "log_theta": {"sae.threshold_param": "log"},  # the paper's pseudo-code
     "adaptive_eps": {"sae.bandwidth_rule": "adaptive"},  # a bandwidth per feature
     "no_grad_clip": {"optim.grad_clip": 0.0,  # the paper's optimiser: no clipping
                      "sweep.sparsity_coefficient": (3e-4, 1e-3, 3e-3, 1e-2)},
