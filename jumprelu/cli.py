@@ -156,17 +156,7 @@ def saved_config(argv: list[str]) -> ml_collections.ConfigDict | None:
   if path is None or not os.path.exists(path):
     return None
   with open(path) as fh:
-    return with_defaults(json.load(fh))
-
-
-def with_defaults(saved: dict) -> ml_collections.ConfigDict:
-  """A saved config.json with the keys it lacks (added to configs/base.py after the run was
-  made) at their defaults, so that an older run still evaluates and exports."""
-  def merge(default, ours):
-    if not isinstance(default, dict) or not isinstance(ours, dict):
-      return ours
-    return {**default, **{k: merge(default.get(k), v) for k, v in ours.items()}}
-  return ml_collections.ConfigDict(merge(base.get_config().to_dict(), saved))
+    return workdir_lib.with_defaults(json.load(fh))
 
 
 def define_config_flag(argv: list[str], flag_values=None):

@@ -7,10 +7,12 @@ import signal
 import threading
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from configs import base
 from jumprelu import data, files
 
 # Keys a resumed run may change: longer runs, other logging, another mesh (checkpoints restore
@@ -65,6 +67,16 @@ def save_config(c, workdir: str) -> None:
     files.save_json(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
 
 
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config.json with the keys it lacks (added to configs/base.py after the run was
+  made) at their defaults, so that an older run still resumes, evaluates and exports."""
+  def merge(default, ours):
+    if not isinstance(default, dict) or not isinstance(ours, dict):
+      return ours
+    return {**default, **{k: merge(default.get(k), v) for k, v in ours.items()}}
+  return ml_collections.ConfigDict(merge(base.get_config().to_dict(), saved))
+
+
 def check_config(c, workdir: str) -> None:
   """Refuses to continue a run in `workdir` that was started with a different (or unknown)
   config, unless train.overwrite=True, which deletes that run's outputs first. (config.json is
@@ -74,8 +86,8 @@ def check_config(c, workdir: str) -> None:
   problem = None
   if os.path.exists(path):
     try:
-      with open(path) as fh:
-        old = flat(json.load(fh))
+      with open(path) as fh:  # keys added to configs/base.py since: their defaults
+        old = flat(with_defaults(json.load(fh)).to_dict())
     except (OSError, ValueError) as e:
       problem = f"a run whose config.json cannot be read ({e})"
     else:

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # noqa: E402
 
-from jumprelu import cli, evaluate  # noqa: E402
+from jumprelu import evaluate  # noqa: E402
+from jumprelu import workdir as workdir_lib  # noqa: E402
 
 
 def pending(paths: list[str], num_contexts: int) -> list[tuple]:
@@ -30,7 +31,7 @@ def pending(paths: list[str], num_contexts: int) -> list[tuple]:
     if not os.path.exists(config_path):
       raise SystemExit(f"{path}: expected a run directory holding config.json; train it first")
     with open(config_path) as fh:
-      c = cli.with_defaults(json.load(fh))
+      c = workdir_lib.with_defaults(json.load(fh))
     c.eval.num_contexts = num_contexts
     for rc, rdir in evaluate.runs_of(c, path):
       if not os.path.exists(os.path.join(rdir, "export", "params.npz")):

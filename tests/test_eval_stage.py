@@ -203,6 +203,13 @@ def test_a_run_saved_before_a_key_existed_loads_with_its_default(tmp_path):
   assert c.eval.split == base.get_config().eval.split
   assert c.optim.grad_clip == base.get_config().optim.grad_clip
   assert c.sae.width == 96 and c.eval.num_contexts == old["eval"]["num_contexts"]
+  # ... and train.py resumes it: a missing key at its default is no change, a changed one is.
+  now = base.get_config()
+  now.sae.width = 96
+  workdir_lib.check_config(now, str(tmp_path))
+  now.optim.grad_clip = 0.5
+  with pytest.raises(ValueError, match=r"different config \(optim.grad_clip: 0.0 -> 0.5\)"):
+    workdir_lib.check_config(now, str(tmp_path))
 
 
 def test_missing_datasets_package_is_refused_before_any_work(tmp_path, model_dir, monkeypatch):
