@@ -6,7 +6,7 @@
 #      ensemble per architecture, configs/smollm2_sweep.py), for seeds 0, 1 and 2; the first run
 #      harvests 400k activations at resid_post.14 into the store every other run reads;
 #   3. every other objective and option once (seed 0): configs/smollm2_sweep.py's VARIANTS;
-#   4. every SAE scored with it spliced into the LM on the same 96 held-out contexts
+#   4. every SAE scored with it spliced into the LM on the same 64 held-out contexts
 #      (scripts/evaluate_runs.py, the clean LM runs shared);
 #   5. the tables with intervals and the plots with error bars (scripts/compare.py).
 # Every step resumes from what is on disk: rerun the script after an interruption.
@@ -35,7 +35,7 @@ for variant in $(python -c "from configs import smollm2_sweep; print(*smollm2_sw
   train "$variant" 0
 done
 
-python scripts/evaluate_runs.py --num_contexts 96 "$OUT"/runs/*
+python scripts/evaluate_runs.py --num_contexts 64 "$OUT"/runs/*
 python scripts/compare.py --runs "$OUT/runs" --out "$DOCS/reproduction_results.md" \
   --figures "$DOCS/figures"
 echo "reproduce.sh: $(( ($(date +%s) - start) / 60 )) min"
