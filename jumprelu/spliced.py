@@ -44,7 +44,7 @@ def _clean(lm_params, tokens_BxL, *, cfg, site, skip_positions):
   ce_clean, logp_clean = _ce_BxL(clean_logits, tokens_BxL)
   ce_zero, _ = _ce_BxL(zero_logits, tokens_BxL)
   return {"keep": keep_BxL, "count": count_BxL, "ce_clean": ce_clean, "ce_zero": ce_zero,
-          "logp_clean": logp_clean, "x": x_BxLxW.astype(jnp.float32), "x_site": x_BxLxW}
+          "logp_clean": logp_clean, "x": x_BxLxW.astype(jnp.float32)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "site", "arch", "k"))
@@ -57,7 +57,8 @@ def _sae_sums(lm_params, sae_params, tokens_BxL, clean, half_window, *, cfg, sit
   splice = lambda a: jnp.where(keep_BxL[..., None], reconstruct(a).astype(a.dtype), a)
   if site.kind == "resid_post":  # resume after the site from the spliced clean residual
     sae_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site,
-                                  resid_BxLxD=splice(clean["x_site"]))
+                                  # x back in the LM's dtype: exact, it came from there
+                                  resid_BxLxD=splice(clean["x"].astype(jnp.dtype(cfg.dtype))))
   else:
     sae_logits, _ = model.forward(lm_params, cfg, tokens_BxL, site=site, replace_fn=splice)
   ce_sae, logp_sae = _ce_BxL(sae_logits, tokens_BxL)
