@@ -3,11 +3,22 @@
 Eight CPU devices are faked for the whole suite (before jax is imported anywhere) so sharded
 meshes can be tested; single-device tests use the first device.
 """
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# One persistent compilation cache for the run, shared by the xdist workers and every process a
+# test starts (they inherit the environment): the suite compiles the same tiny programs many
+# times over (reruns after a kill, fresh jits of one config), and a hit skips XLA's compile.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jumprelu-test-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 

@@ -76,9 +76,8 @@ def _text(path) -> None:
       fh.write(json.dumps({"text": " ".join(rng.choice(WORDS, rng.integers(5, 60)))}) + "\n")
 
 
-def _env(cache, kill_at=0):
-  return process_env(4, JUMPRELU_TEST_KILL_AT=str(kill_at), JAX_COMPILATION_CACHE_DIR=str(cache),
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # later runs skip compiling
+def _env(kill_at=0):
+  return process_env(4, JUMPRELU_TEST_KILL_AT=str(kill_at))  # conftest's compile cache is shared
 
 
 def _files(path) -> dict:
@@ -100,7 +99,7 @@ def one_process(tmp_path_factory):
           f"--config.text.path={tmp_path}/docs.jsonl", "--config.harvest.num_tokens=900",
           "--config.harvest.shard_tokens=120"]
 
-  one = subprocess.run(args + [f"--workdir={tmp_path}/one"], env=_env(tmp_path / "cache"),
+  one = subprocess.run(args + [f"--workdir={tmp_path}/one"], env=_env(),
                        capture_output=True, text=True, timeout=120)
   assert one.returncode == 0, one.stderr[-3000:]
   store = _files(tmp_path / "one" / "activations")
@@ -116,7 +115,7 @@ def _two(tmp_path, args, workdir, victim=None, kill_at=1):
   procs = [subprocess.Popen(
       args + [f"--workdir={workdir}", "--distributed",
               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-              f"--process_id={i}"], env=_env(tmp_path / "cache", kill_at if i == victim else 0),
+              f"--process_id={i}"], env=_env(kill_at if i == victim else 0),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
   if victim is not None:
     procs[victim].wait(timeout=120)
@@ -171,7 +170,7 @@ def test_global_mesh_harvest_with_layers_split_over_two_devices(one_process):
   """lm.model_parallel=2: each process's rows come back once from its 2 × 2 devices."""
   tmp_path, args, _ = one_process
   args = args + ["--config.lm.model_parallel=2"]
-  one = subprocess.run(args + [f"--workdir={tmp_path}/one_mp2"], env=_env(tmp_path / "cache"),
+  one = subprocess.run(args + [f"--workdir={tmp_path}/one_mp2"], env=_env(),
                        capture_output=True, text=True, timeout=120)
   assert one.returncode == 0, one.stderr[-3000:]
   store = _files(tmp_path / "one_mp2" / "activations")
