@@ -267,9 +267,9 @@ def _eval(c, cfg, site, pmesh, lm_local, tokens, n_local, layer, procs) -> list[
   if c.sae.arch in ("jumprelu", "batchtopk"):  # export.raw_params: θ written out explicitly
     raw = {**{n: raw[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
            "threshold": jax.ShapeDtypeStruct((c.sae.width,), jnp.float32)}
-  # Replicated, as evaluate_many places them (jnp.asarray: a copy on every device).
-  sae_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32,
-                                                        sharding=sharding.replicated(pmesh)), raw)
+  # Features split over "model", as evaluate_many places them (sharding.sae_shardings).
+  sae_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=sh),
+                         raw, sharding.sae_shardings(pmesh, raw))
   kw = dict(cfg=cfg, site=site)
   clean_abs = jax.eval_shape(
       lambda p, t: spliced._clean(p, t, skip_positions=c.lm.skip_positions, **kw),

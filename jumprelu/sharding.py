@@ -107,6 +107,15 @@ def check_divisible(mesh: Mesh, width: int, batch_size: int) -> None:
                      f"choose a multiple of {data}")
 
 
+def sae_shardings(mesh: Mesh, arrays: dict) -> dict:
+  """Shardings of an SAE's (raw-unit, any architecture) arrays on an LM mesh for evaluation:
+  features split over "model" as in training where the width divides it, else a copy per
+  device."""
+  if arrays["W_dec"].shape[0] % mesh.shape["model"]:
+    return jax.tree.map(lambda _: replicated(mesh), arrays)
+  return tree_shardings(mesh, arrays)
+
+
 def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
   """The [lo, hi) rows of the global batch that this process's devices hold."""
   sharding = batch_sharding(mesh)

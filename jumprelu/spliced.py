@@ -119,7 +119,7 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
   site = model.parse_site(c.lm.site)
   half_windows = half_windows or [0.0] * len(saes_raw)
   saes = [arch_lib.split_raw(p) for p in saes_raw]
-  saes = [(name, k, jax.tree.map(jnp.asarray, arrays)) for name, k, arrays in saes]
+  saes = [(name, k, _place(lm_params, arrays)) for name, k, arrays in saes]
   lo, hi = process_share(len(contexts_NxL))
   mine = contexts_NxL[lo:hi]
   n = len(mine)
@@ -173,6 +173,19 @@ def evaluate_many(c, lm, saes_raw: list[dict], contexts_NxL: np.ndarray, batch: 
 
 THRESHOLD_QUANTILES = (0, 5, 25, 50, 75, 95, 100)
 _PER_CONTEXT = ("context_tokens", "context_delta")
+
+
+def _place(lm_params, arrays: dict) -> dict:
+  """An SAE's arrays on the mesh of the LM's params, features split over "model"
+  (sharding.sae_shardings): a 1M-wide SAE is not copied whole onto every device. Once, not per
+  batch."""
+  mesh = lm_act.mesh_of(lm_params)
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, arrays)
+  arrays = {n: np.asarray(a, np.float32) for n, a in arrays.items()}
+  shardings = sharding.sae_shardings(mesh, arrays)
+  return {n: jax.make_array_from_callback(a.shape, shardings[n], lambda idx, a=a: a[idx])
+          for n, a in arrays.items()}
 
 
 def _lm_batch(lm_params, tokens_BxL: np.ndarray):

@@ -66,8 +66,8 @@ def test_live_training_and_evaluation_on_two_processes_match_one(tmp_path):
     ea, eb = (json.load(open(f"{d}/eval.json")) for d in (one, two))
     assert ea["tokens"] == eb["tokens"] > 0
     for k, v in ea.items():  # per-process sums added: equal up to float32 summation order
-      if isinstance(v, float):
-        assert eb[k] == pytest.approx(v, rel=1e-5, abs=1e-7), f"{name} {k}"
+      if isinstance(v, float):  # (delta LM loss, a difference of ~5-nat CEs: 1e-6 absolute)
+        assert eb[k] == pytest.approx(v, rel=1e-5, abs=2e-6), f"{name} {k}"
     np.testing.assert_allclose(eb["firing_frequency"], ea["firing_frequency"], atol=1e-7)
     # Per-context sums are gathered in context order: the same lists from 1 or 2 processes.
     assert eb["context_tokens"] == ea["context_tokens"] and len(ea["context_tokens"]) > 1
