@@ -109,6 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.aux_coefficient = 1 / 32  # topk, batchtopk: weight α of the AuxK loss (Gao et al.)
   # jumprelu: α of the same AuxK loss on its dead latents (k_aux of them; 0: off, the paper's)
   c.sae.jumprelu_auxk = 0.0
+  # jumprelu: the first N steps train it as a TopK SAE (k = sae.k, TopK's AuxK), every θ set to
+  # the mean per-row smallest kept activation; its objective trains from step N (0: off, the
+  # paper's). Recovers rare features a dense start misses (docs/reproduction.md).
+  c.sae.topk_start_steps = 0
   # batchtopk: β of the inference threshold's running mean θ ← β·θ + (1 − β)·(min kept activation)
   c.sae.batchtopk_threshold_decay = 0.999
   # jumprelu: "l0" (λ·L0, the paper's) | "target_l0" (λ·(L0/target − 1)², Gemma Scope 2) | "tanh"

@@ -83,6 +83,40 @@ def value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F):
   return (loss, aux), grads
 
 
+def topk_start_value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F, step):
+  """value_and_grad of a JumpReLU SAE with sae.topk_start_steps = N: before step N it trains as a
+  TopK SAE (each row's k = sae.k largest ReLU'd pre-activations, TopK's AuxK; θ gets no
+  gradient), from step N on with its configured objective. TopK's per-row budget trains latents
+  for rare features that a JumpReLU started dense does not find (docs/reproduction.md).
+
+  aux holds recon_B, l0_B, pre_BxF, fired_F, in_window and theta_start: in the TopK steps the
+  mean over rows of each row's smallest kept activation (a threshold at which a JumpReLU fires
+  about k per row; NaN when no row kept a positive one), after them NaN. train_step sets every
+  θ to it while the TopK steps last, so the JumpReLU starts where TopK's sparsity was."""
+  theta_F = sae.threshold(params)
+  window = lambda pre: jnp.mean(jnp.abs(pre - theta_F) < 0.5 * hp["bandwidth"])
+
+  def topk(p):
+    loss_fn = lambda q: baselines.topk_loss(
+        q, x_BxD, k=hp["k"], k_max=k_max(c), k_aux=c.sae.k_aux,
+        aux_coefficient=c.sae.aux_coefficient, dead_F=dead_F)
+    (loss, aux), grads = jax.value_and_grad(_matryoshka(c, loss_fn, x_BxD), has_aux=True)(p)
+    f_BxF = aux["f_BxF"]
+    kept_B = jnp.min(jnp.where(f_BxF > 0, f_BxF, jnp.inf), axis=-1)
+    ok_B = jnp.isfinite(kept_B)
+    theta = jnp.sum(jnp.where(ok_B, kept_B, 0.0)) / jnp.sum(ok_B)  # NaN when no row kept one
+    return (loss, {"recon_B": aux["recon_B"], "l0_B": aux["l0_B"], "pre_BxF": aux["pre_BxF"],
+                   "fired_F": jnp.any(f_BxF > 0, axis=0), "in_window": window(aux["pre_BxF"]),
+                   "theta_start": theta}), grads
+
+  def jumprelu(p):
+    (loss, aux), grads = value_and_grad(c, p, x_BxD, hp, dead_F)
+    keep = ("recon_B", "l0_B", "pre_BxF", "fired_F", "in_window")
+    return (loss, {**{k: aux[k] for k in keep}, "theta_start": jnp.float32(jnp.nan)}), grads
+
+  return jax.lax.cond(step < c.sae.topk_start_steps, topk, jumprelu, params)
+
+
 def _jumprelu_loss_fn(c, x_BxD, hp):
   """sae.loss (Eq. 10, with its hand-written backward pass), or objectives.jumprelu_loss when the
   config asks for another sparsity objective or an extra penalty."""

@@ -334,10 +334,11 @@ def choose_step_impl(c, platform: str) -> tuple[str, str]:
   if impl != "auto":
     return impl, f"train.step_impl={impl!r}"
   if (c.sae.arch != "jumprelu" or sweep.is_sweep(c) or not objectives.uses_paper_loss(c)
-      or not c.sae.pre_relu or c.sae.bandwidth_rule != "fixed"):
-    return "dense", ("this step is the single JumpReLU SAE's with the paper's loss, the ReLU "
-                     f"and a fixed bandwidth only (sae.arch={c.sae.arch!r}, a sweep: "
-                     f"{sweep.is_sweep(c)}, sae.bandwidth_rule={c.sae.bandwidth_rule!r})")
+      or not c.sae.pre_relu or c.sae.bandwidth_rule != "fixed" or c.sae.topk_start_steps):
+    return "dense", ("this step is the single JumpReLU SAE's with the paper's loss, the ReLU, "
+                     f"a fixed bandwidth and no TopK start only (sae.arch={c.sae.arch!r}, a "
+                     f"sweep: {sweep.is_sweep(c)}, sae.bandwidth_rule={c.sae.bandwidth_rule!r}, "
+                     f"sae.topk_start_steps={c.sae.topk_start_steps})")
   if platform == "cpu":
     return "sparse", "on CPU it is 2.3–3.0× faster than the dense step at L0 = 1% of F"
   if platform == "tpu":

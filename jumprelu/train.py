@@ -116,8 +116,13 @@ def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
     theta_F = sae.threshold(state.params)
     hp = {**hp, "bandwidth": bandwidth.config_epsilon(c, state.bandwidth_stats, theta_F,
                                                       state.step, hp["bandwidth"])}
-  (loss, aux), grads = arch.value_and_grad(
-      c, state.params, x_BxD, {**hp, "sparsity_coefficient": lam, "warmup": warmup}, dead_F)
+  hp_now = {**hp, "sparsity_coefficient": lam, "warmup": warmup}
+  topk_start = c.sae.arch == "jumprelu" and c.sae.topk_start_steps > 0
+  if topk_start:  # TopK's loss for the first sae.topk_start_steps steps, then JumpReLU's
+    (loss, aux), grads = arch.topk_start_value_and_grad(
+        c, state.params, x_BxD, hp_now, dead_F, state.step)
+  else:
+    (loss, aux), grads = arch.value_and_grad(c, state.params, x_BxD, hp_now, dead_F)
   unit_decoder = c.sae.decoder_norm == "unit"
   if unit_decoder:
     grads["W_dec"] = sae.remove_parallel_grad(state.params["W_dec"], grads["W_dec"])
@@ -128,6 +133,12 @@ def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
   params = optax.apply_updates(state.params, updates)
   if unit_decoder:
     params["W_dec"] = sae.normalize_decoder(params["W_dec"])
+  if topk_start:  # while TopK trains, every θ follows its per-row sparsity (arch.py)
+    name = "log_threshold" if "log_threshold" in params else "threshold"
+    theta = aux["theta_start"]
+    value = jnp.log(jnp.maximum(theta, 1e-6)) if name == "log_threshold" else theta
+    params[name] = jnp.where(jnp.isfinite(theta), jnp.full_like(params[name], value),
+                             params[name])
   bandwidth_stats = state.bandwidth_stats
   if adaptive:
     bandwidth_stats = bandwidth.config_update(c, bandwidth_stats, aux["pre_BxF"], theta_F)

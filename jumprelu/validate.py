@@ -189,6 +189,9 @@ def _check_objectives(c, need) -> None:
   need(s.frequency_coefficient >= 0, "sae.frequency_coefficient", ">= 0 (0: off)")
   need(s.jumprelu_auxk >= 0, "sae.jumprelu_auxk", ">= 0 (0: off)")
   need(0 < s.frequency_max < 1, "sae.frequency_max", "in (0, 1) (a fraction of tokens)")
+  need(0 <= s.topk_start_steps < max(c.train.num_steps, 1), "sae.topk_start_steps",
+       f"in [0, train.num_steps={c.train.num_steps}) (0: off; the SAE must train as a JumpReLU "
+       "after it)")
   # Another architecture would ignore JumpReLU's objectives in silence.
   other = f"when sae.arch={s.arch!r} (they are JumpReLU's objectives)"
   if s.arch != "jumprelu":
@@ -196,6 +199,7 @@ def _check_objectives(c, need) -> None:
     need(s.pre_act_coefficient == 0, "sae.pre_act_coefficient", f"0 {other}")
     need(s.frequency_coefficient == 0, "sae.frequency_coefficient", f"0 {other}")
     need(s.jumprelu_auxk == 0, "sae.jumprelu_auxk", f"0 {other}; TopK's is sae.aux_coefficient")
+    need(s.topk_start_steps == 0, "sae.topk_start_steps", f"0 {other}")
   need(not c.sweep.target_l0 or s.sparsity_loss == "target_l0", "sweep.target_l0",
        "empty unless sae.sparsity_loss='target_l0'")
   prefixes = s.matryoshka_prefixes
@@ -203,6 +207,8 @@ def _check_objectives(c, need) -> None:
       isinstance(m, int) and not isinstance(m, bool) for m in prefixes) and all(
       1 <= a < b for a, b in zip(prefixes, [*prefixes[1:], s.width])), "sae.matryoshka_prefixes",
        f"a tuple of increasing ints in [1, sae.width={s.width}) (empty: no Matryoshka loss)")
+  need(c.train.step_impl != "sparse" or not s.topk_start_steps, "train.step_impl",
+       "'dense' or 'auto' with sae.topk_start_steps (the sparse step has no TopK phase)")
   need(c.train.step_impl != "sparse" or objectives.uses_paper_loss(c), "train.step_impl",
        "'dense' with sae.sparsity_loss other than 'l0', a pre-activation or frequency penalty, "
        "Matryoshka prefixes or sae.jumprelu_auxk (the sparse step computes the paper's loss only)")

@@ -64,6 +64,11 @@ VARIANTS = {
     # TopK's AuxK on JumpReLU's dead latents (α as Gao et al.'s 1/32, and larger)
     "clip_auxk": {"optim.grad_clip": 1.0, "sae.jumprelu_auxk": 1 / 32},
     "clip_auxk_0.25": {"optim.grad_clip": 1.0, "sae.jumprelu_auxk": 0.25},
+    # the first steps as TopK (k = 4), then JumpReLU (scripts/topk_start.py found why)
+    "clip_topk_start_1000": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 1000},
+    "clip_topk_start_2000": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 2000},
+    "clip_raw_topk_start_2000": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 2000,
+                                 "sae.threshold_param": "raw"},
     "clip_raw_auxk": {"optim.grad_clip": 1.0, "sae.threshold_param": "raw",
                       "sae.jumprelu_auxk": 1 / 32},
 }

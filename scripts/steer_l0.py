@@ -55,7 +55,7 @@ def config(name: str, store: str, steps: int):
   c.data.source = "npy"
   c.data.path = store
   c.train.num_steps = steps
-  c.train.checkpoint_every = steps
+  c.train.checkpoint_every = min(steps, 1500)  # a long run resumes from its last 1,500 steps
   c.log.tensorboard = c.log.progress = False
   for key, value in RUNS[name].items():
     section, k = key.split(".")

@@ -1,5 +1,7 @@
 """The sparsity objectives of objectives.py against hand-computed values and finite differences of
 the smoothed objective (jitted and not), in a vmapped ensemble, and trained end to end."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -423,3 +425,76 @@ def test_jumprelu_auxk_is_refused_where_it_would_be_ignored():
     c = tiny(**{"sae.jumprelu_auxk": 0.03, **overrides})
     with pytest.raises(ValueError, match=wanted):
       validate.check_config(c)
+
+
+def test_topk_start_trains_as_topk_then_as_the_jumprelu_objective():
+  # sae.topk_start_steps = N: steps before N are TopK's (same update of the weights as a TopK
+  # SAE with those weights), each sets every θ to the mean per-row smallest kept activation;
+  # from N on the step is the configured JumpReLU's. Jitted and not, and in an ensemble.
+  from jumprelu import train
+  n, k = 3, 4
+  kw = {"sae.threshold_param": "raw", "sae.k": k, "sae.k_aux": 16, "optim.grad_clip": 1.0,
+        "train.step_impl": "dense", "sae.bandwidth": 0.5}
+  c = tiny(**kw, **{"sae.topk_start_steps": n})
+  step = lambda cfg: jax.jit(functools.partial(train.train_step, cfg))
+  x = jax.random.normal(jax.random.key(1), (64, 16)) * 2.0
+  state = train.init_state(c, jax.random.key(0), 2.0)
+  weights = ("W_enc", "b_enc", "W_dec", "b_dec")
+  as_topk = tiny(**{**kw, "sae.arch": "topk"})
+  twin = train.init_state(as_topk, jax.random.key(0), 2.0)
+  twin = twin.replace(params={w: state.params[w] for w in weights},
+                      opt_state=train.optimizer(as_topk).init({w: state.params[w] for w in weights}))
+  alone = jax.jit(lambda s, hp: train.train_step(c, s, x, hp))
+  got, metrics = alone(state, train.config_hparams(c))
+  want, want_metrics = step(as_topk)(twin, x)
+  for w in weights:
+    np.testing.assert_allclose(got.params[w], want.params[w], rtol=0, atol=1e-6, err_msg=w)
+  assert metrics["loss"] == pytest.approx(float(want_metrics["loss"]), rel=1e-6)
+  f = np.asarray(baselines.topk_encode(state.params, x / 2.0, k=k)[0])
+  kept = np.where(f > 0, f, np.inf).min(axis=1)
+  theta = np.mean(kept[np.isfinite(kept)])
+  np.testing.assert_allclose(sae.threshold(got.params), theta, rtol=1e-5)
+  # Not jitted: the same loss and gradients.
+  from jumprelu import arch
+  hp = {**train.config_hparams(c), "warmup": 0.0}
+  args = (c, state.params, x / 2.0, hp, jnp.zeros(64, bool))
+  (l1, _), g1 = arch.topk_start_value_and_grad(*args, jnp.int32(0))
+  (l2, _), g2 = jax.jit(lambda: arch.topk_start_value_and_grad(*args, jnp.int32(0)))()
+  assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), g1, g2)
+  # log θ is set to the log of the same threshold.
+  c_log = tiny(**{**kw, "sae.threshold_param": "log", "sae.topk_start_steps": n})
+  got_log, _ = step(c_log)(train.init_state(c_log, jax.random.key(0), 2.0), x)
+  np.testing.assert_allclose(sae.threshold(got_log.params), theta, rtol=1e-5)
+  # From step N on: the plain JumpReLU step, θ trained by its gradient, one per feature again.
+  late = got.replace(step=jnp.asarray(n, jnp.int32))
+  a, _ = alone(late, train.config_hparams(c))
+  b, _ = step(tiny(**kw))(late, x)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=0, atol=1e-7), a.params,
+               b.params)
+  assert np.ptp(np.asarray(sae.threshold(a.params))) > 0
+  # In an ensemble over λ, each member's step is its own alone, before and after N.
+  members = sweep.grid(tiny(**kw, **{"sae.topk_start_steps": n,
+                                     "sweep.sparsity_coefficient": (1e-3, 3e-2)}))
+  hp_S = sweep.stacked_hparams(members)
+  ensemble = jax.jit(lambda s: train.ensemble_step(c, s, x, hp_S))
+  for start in (state, late):
+    stacked = start.replace(params=sweep.stack(start.params, 2),
+                            opt_state=sweep.stack(start.opt_state, 2),
+                            tokens_since_fired=sweep.stack(start.tokens_since_fired, 2),
+                            bandwidth_stats=sweep.stack(start.bandwidth_stats, 2))
+    together, _ = ensemble(stacked)
+    for i, (_, hp) in enumerate(members):
+      jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=0, atol=1e-6),
+                   sweep.take(together.params, i), alone(start, hp)[0].params)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sae.topk_start_steps": 12}, r"sae.topk_start_steps must be in \[0, train.num_steps=12\)"),
+    ({"sae.topk_start_steps": 2, "sae.arch": "topk"}, r"sae.topk_start_steps must be 0 when"),
+    ({"sae.topk_start_steps": 2, "train.step_impl": "sparse"},
+     r"train.step_impl must be 'dense' or 'auto' with sae.topk_start_steps"),
+])
+def test_topk_start_is_refused_where_it_cannot_run(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    validate.check_config(tiny(**overrides))
