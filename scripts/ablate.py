@@ -67,6 +67,8 @@ VARIANTS = {
     # the first steps as TopK (k = 4), then JumpReLU (scripts/topk_start.py found why)
     "clip_topk_start_1000": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 1000},
     "clip_topk_start_2000": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 2000},
+    "clip_topk_start_3000": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 3000},
+    "clip_topk_start_3500": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 3500},
     "clip_raw_topk_start_2000": {"optim.grad_clip": 1.0, "sae.topk_start_steps": 2000,
                                  "sae.threshold_param": "raw"},
     "clip_raw_auxk": {"optim.grad_clip": 1.0, "sae.threshold_param": "raw",
