@@ -139,6 +139,11 @@ def train_step(c, state: TrainState, x_BxD: jax.Array, hp: dict | None = None
     value = jnp.log(jnp.maximum(theta, 1e-6)) if name == "log_threshold" else theta
     params[name] = jnp.where(jnp.isfinite(theta), jnp.full_like(params[name], value),
                              params[name])
+  if c.sae.arch == "jumprelu" and c.sae.pre_relu and "threshold" in params:
+    # θ itself stays ≥ 0 (projected). Below 0, a JumpReLU after the ReLU fires wherever the ReLU
+    # is positive, but H(0 − θ) = 1 makes the L0 term count the ReLU's zeros too: λ paid on every
+    # token, and no STE gradient reaches a θ more than ε/2 below the zeros to bring it back.
+    params["threshold"] = jnp.maximum(params["threshold"], 0.0)
   bandwidth_stats = state.bandwidth_stats
   if adaptive:
     bandwidth_stats = bandwidth.config_update(c, bandwidth_stats, aux["pre_BxF"], theta_F)

@@ -498,3 +498,25 @@ def test_topk_start_trains_as_topk_then_as_the_jumprelu_objective():
 def test_topk_start_is_refused_where_it_cannot_run(overrides, message):
   with pytest.raises(ValueError, match=message):
     validate.check_config(tiny(**overrides))
+
+
+def test_raw_threshold_is_kept_non_negative_after_the_relu():
+  # Below 0 a θ after the ReLU would make the L0 term count the ReLU's zeros on every token with
+  # no gradient to bring it back; the step projects θ onto θ ≥ 0. Without the ReLU (an
+  # ablation) a negative θ means something and is kept.
+  from jumprelu import train
+  x = jax.random.normal(jax.random.key(1), (64, 16))
+  for pre_relu in (True, False):
+    c = tiny(**{"sae.threshold_param": "raw", "sae.pre_relu": pre_relu,
+                "train.step_impl": "dense"})
+    state = train.init_state(c, jax.random.key(0), 1.0)
+    theta = np.full(64, 0.2, np.float32)
+    theta[:8] = -0.5
+    state = state.replace(params={**state.params, "threshold": jnp.asarray(theta)})
+    new, _ = jax.jit(functools.partial(train.train_step, c))(state, x)
+    got = np.asarray(new.params["threshold"])
+    assert np.all(got[8:] > 0.1)  # the others trained as usual
+    if pre_relu:
+      assert np.all(got[:8] == 0.0)
+    else:
+      assert np.all(got[:8] < -0.4)
