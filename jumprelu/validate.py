@@ -52,8 +52,10 @@ def check_config(c) -> None:
   need(c.sae.width > 0, "sae.width", "> 0")
   need(c.sae.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0")
   need(c.sae.bandwidth > 0, "sae.bandwidth", "> 0")
-  # TopK's keys are range-checked always; against the width only when TopK trains.
-  topk = c.sae.arch in ("topk", "batchtopk")
+  # TopK's keys are range-checked always; against the width only when TopK trains (also a
+  # JumpReLU's TopK start, and its AuxK on dead latents, which takes k_aux of them).
+  topk = c.sae.arch in ("topk", "batchtopk") or (
+      c.sae.arch == "jumprelu" and bool(c.sae.topk_start_steps or c.sae.jumprelu_auxk))
   top = c.sae.width if topk else math.inf
   for key in ("k", "k_aux"):
     need(isinstance(c.sae[key], int) and 1 <= c.sae[key] <= top, f"sae.{key}",

@@ -47,6 +47,9 @@ RUNS = {
     # θ itself with each SAE's gradient clipped to global norm 1 (ablate.py's largest win)
     "raw_clip_lambda": {**RAW, "optim.grad_clip": 1.0, "sae.sparsity_loss": "l0",
                         "sweep.sparsity_coefficient": LAMBDAS},
+    # the same at smaller λ: where L0 goes past 100 in a long run
+    "raw_clip_small_lambda": {**RAW, "optim.grad_clip": 1.0, "sae.sparsity_loss": "l0",
+                              "sweep.sparsity_coefficient": (3e-5, 1e-4)},
     # the same, its first 1,000 steps trained as TopK with k = 32 (sae.topk_start_steps)
     "raw_clip_topk_start_lambda": {**RAW, "optim.grad_clip": 1.0, "sae.sparsity_loss": "l0",
                                    "sae.topk_start_steps": 1000, "sae.k": 32,

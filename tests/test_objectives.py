@@ -494,6 +494,8 @@ def test_topk_start_trains_as_topk_then_as_the_jumprelu_objective():
     ({"sae.topk_start_steps": 2, "sae.arch": "topk"}, r"sae.topk_start_steps must be 0 when"),
     ({"sae.topk_start_steps": 2, "train.step_impl": "sparse"},
      r"train.step_impl must be 'dense' or 'auto' with sae.topk_start_steps"),
+    ({"sae.topk_start_steps": 2, "sae.k": 8, "sae.k_aux": 512},  # tiny's width is 64
+     r"sae.k_aux must be an int in \[1, sae.width=64\], got 512"),
 ])
 def test_topk_start_is_refused_where_it_cannot_run(overrides, message):
   with pytest.raises(ValueError, match=message):
