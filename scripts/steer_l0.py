@@ -107,6 +107,12 @@ def main():
       run.train_and_evaluate(c, wdir)
     with open(os.path.join(wdir, "summary.json")) as fh:
       train_s[name] = json.load(fh)["seconds"]
+    if not all(os.path.exists(e) for e in evals):  # the store's text is not the config's
+      print(f"{name}: trained, not evaluated (the store at {args.store} was harvested from "
+            f"other text than the default job's); score it with experiments/evaluate.py "
+            f"--workdir={wdir} --config.text.source=... --config.text.path=... as that store's "
+            "manifest names them")
+      continue
     l0s = []
     for (member, hp), path in zip(sweep.grid(c), evals):
       with open(path) as fh:
