@@ -66,15 +66,22 @@ def load(runs_dir: str) -> list[dict]:
   return out
 
 
-def jumprelu_at(curve: list[dict], l0: float):
-  """JumpReLU's per-context summed loss and FVU at `l0` (log-L0 interpolation between the two
-  members of one seed that bracket it), or None outside the curve."""
-  pts = sorted(curve, key=lambda r: r["l0"])
-  for lo, hi in zip(pts, pts[1:]):
-    if lo["l0"] <= l0 <= hi["l0"]:
+def at_l0(rows: list[dict], l0: float, keys) -> dict | None:
+  """The rows' `keys` (floats or arrays) interpolated linearly in log L0 at `l0`, between the
+  two rows that bracket it; None outside them. A pair of equal L0 brackets nothing."""
+  rows = sorted(rows, key=lambda r: r["l0"])
+  for lo, hi in zip(rows, rows[1:]):
+    if 0 < lo["l0"] <= l0 <= hi["l0"] and hi["l0"] > lo["l0"]:
       w = (math.log(l0) - math.log(lo["l0"])) / (math.log(hi["l0"]) - math.log(lo["l0"]))
-      return (1 - w) * lo["ctx"] + w * hi["ctx"], (1 - w) * lo["fvu"] + w * hi["fvu"]
+      return {k: (1 - w) * lo[k] + w * hi[k] for k in keys}
   return None
+
+
+def jumprelu_at(curve: list[dict], l0: float):
+  """JumpReLU's per-context summed loss and FVU at `l0` (at_l0 between the two members of one
+  seed that bracket it), or None outside the curve."""
+  at = at_l0(curve, l0, ("ctx", "fvu"))
+  return None if at is None else (at["ctx"], at["fvu"])
 
 
 def interval(diffs_SxC: np.ndarray, ntok_C: np.ndarray, seed_sd: float | None = None,

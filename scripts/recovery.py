@@ -14,7 +14,6 @@ each true feature the best cosine with a learned direction: their mean, and the 
 TopK-like methods are at it by construction.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -26,6 +25,8 @@ from absl import logging  # noqa: E402
 
 from configs import synthetic_hard  # noqa: E402
 from jumprelu import arch, data, export, sweep  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402
 
 HELD_OUT = 65536  # rows after the training rows (data.synthetic yields the same prefix)
 THRESHOLD = 0.9  # a true feature counts as recovered above this best cosine
@@ -90,12 +91,7 @@ def measure(run_dir: str, x_NxD, true_GxD) -> dict:
 def at_l0(rows: list[dict], l0: float) -> dict | None:
   """The members' recovery, fraction above 0.9 and FVU interpolated linearly in log L0 at l0
   (None when no two members bracket it)."""
-  rows = sorted(rows, key=lambda r: r["l0"])
-  for a, b in zip(rows, rows[1:]):
-    if a["l0"] <= l0 <= b["l0"] and a["l0"] > 0 and b["l0"] > a["l0"]:
-      t = (math.log(l0) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
-      return {key: a[key] + t * (b[key] - a[key]) for key in ("recovery", "above", "fvu")}
-  return None
+  return compare.at_l0(rows, l0, ("recovery", "above", "fvu"))
 
 
 def main():

@@ -49,6 +49,10 @@ def test_jumprelu_is_interpolated_in_log_l0_per_seed(tmp_path):
   lo, hi = (next(r for r in curve if r["l0"] == v) for v in (10.0, 30.0))
   np.testing.assert_allclose(ctx, 0.5 * (lo["ctx"] + hi["ctx"]))
   assert compare.jumprelu_at(curve, 9.0) is None and compare.jumprelu_at(curve, 101.0) is None
+  # Two members of equal L0 bracket nothing; the next pair does (no division by zero).
+  rows = [{"l0": 4.0, "v": 1.0}, {"l0": 4.0, "v": 2.0}, {"l0": 8.0, "v": 3.0}]
+  assert compare.at_l0(rows, 4.0, ("v",))["v"] in (1.0, 2.0)
+  assert compare.at_l0(rows, math.sqrt(32.0), ("v",))["v"] == pytest.approx(2.5)
 
 
 def test_a_real_gap_is_found_inside_its_interval_and_a_tie_is_called_a_tie(tmp_path):
