@@ -64,8 +64,19 @@ def value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F):
       loss_fn = _with_auxk(loss_fn, x_BxD, c.sae.jumprelu_auxk, c.sae.k_aux, dead_F)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     aux["fired_F"] = jnp.any(aux["pre_BxF"] > theta_F, axis=0)
-    aux["in_window"] = jnp.mean(jnp.abs(aux["pre_BxF"] - theta_F) < 0.5 * hp["bandwidth"])
+    aux["in_window"] = _in_window(aux["pre_BxF"], theta_F, hp["bandwidth"])
     return (loss, aux), grads
+  return _baseline_value_and_grad(c, arch, params, x_BxD, hp, dead_F)
+
+
+def _in_window(pre_BxF, theta_F, bandwidth):
+  """The fraction of pre-activations within ε/2 of θ: the rectangle STE's window."""
+  return jnp.mean(jnp.abs(pre_BxF - theta_F) < 0.5 * bandwidth)
+
+
+def _baseline_value_and_grad(c, arch: str, params: dict, x_BxD, hp: dict, dead_F):
+  """value_and_grad of the baseline `arch` (any but JumpReLU) on params; aux gains fired_F."""
+  lam = hp["sparsity_coefficient"]
   if arch == "relu":
     loss_fn = lambda p: baselines.relu_loss(p, x_BxD, sparsity_coefficient=lam)
   elif arch == "gated":
@@ -93,26 +104,22 @@ def topk_start_value_and_grad(c, params: dict, x_BxD, hp: dict, dead_F, step):
   mean over rows of each row's smallest kept activation (a threshold at which a JumpReLU fires
   about k per row; NaN when no row kept a positive one), after them NaN. train_step sets every
   θ to it while the TopK steps last, so the JumpReLU starts where TopK's sparsity was."""
-  theta_F = sae.threshold(params)
-  window = lambda pre: jnp.mean(jnp.abs(pre - theta_F) < 0.5 * hp["bandwidth"])
+  keep = ("recon_B", "l0_B", "pre_BxF", "fired_F")
 
   def topk(p):
-    loss_fn = lambda q: baselines.topk_loss(
-        q, x_BxD, k=hp["k"], k_max=k_max(c), k_aux=c.sae.k_aux,
-        aux_coefficient=c.sae.aux_coefficient, dead_F=dead_F)
-    (loss, aux), grads = jax.value_and_grad(_matryoshka(c, loss_fn, x_BxD), has_aux=True)(p)
+    (loss, aux), grads = _baseline_value_and_grad(c, "topk", p, x_BxD, hp, dead_F)
     f_BxF = aux["f_BxF"]
     kept_B = jnp.min(jnp.where(f_BxF > 0, f_BxF, jnp.inf), axis=-1)
     ok_B = jnp.isfinite(kept_B)
     theta = jnp.sum(jnp.where(ok_B, kept_B, 0.0)) / jnp.sum(ok_B)  # NaN when no row kept one
-    return (loss, {"recon_B": aux["recon_B"], "l0_B": aux["l0_B"], "pre_BxF": aux["pre_BxF"],
-                   "fired_F": jnp.any(f_BxF > 0, axis=0), "in_window": window(aux["pre_BxF"]),
-                   "theta_start": theta}), grads
+    return (loss, {**{k: aux[k] for k in keep}, "theta_start": theta,
+                   "in_window": _in_window(aux["pre_BxF"], sae.threshold(p), hp["bandwidth"])}
+            ), grads
 
   def jumprelu(p):
     (loss, aux), grads = value_and_grad(c, p, x_BxD, hp, dead_F)
-    keep = ("recon_B", "l0_B", "pre_BxF", "fired_F", "in_window")
-    return (loss, {**{k: aux[k] for k in keep}, "theta_start": jnp.float32(jnp.nan)}), grads
+    return (loss, {**{k: aux[k] for k in (*keep, "in_window")},
+                   "theta_start": jnp.float32(jnp.nan)}), grads
 
   return jax.lax.cond(step < c.sae.topk_start_steps, topk, jumprelu, params)
 
