@@ -101,17 +101,23 @@ def variant_config(name: str, overrides: dict, steps: int, lambdas=LAMBDAS):
   return c
 
 
-def train_in_process(c, source):
-  """The final train state of c (an ensemble when c sweeps), trained on `source`."""
+def train_in_process(c, source, params=None, first_step: int = 0, steps: int | None = None):
+  """The final train state of c (an ensemble when c sweeps), trained on `source` for `steps`
+  (default train.num_steps) steps on the batches from `first_step` on. With `params`, every
+  member starts from them, with a fresh optimiser state."""
   members = sweep.grid(c)
   norm_scale = math.sqrt(source.mean_sq_norm(c.data.norm_rows, False))
   state = train.init_state(c, jax.random.key(c.seed), norm_scale, len(members))
+  if params is not None:
+    copies = (lambda t: sweep.stack(t, len(members))) if members else (lambda t: t)
+    state = state.replace(params=copies(params),
+                          opt_state=copies(train.optimizer(c).init(params)))
   if members:
     hp_S = sweep.stacked_hparams(members)
     step_fn = jax.jit(lambda s, x: train.ensemble_step(c, s, x, hp_S), donate_argnums=0)
   else:
     step_fn = jax.jit(lambda s, x: train.train_step(c, s, x), donate_argnums=0)
-  for step in range(c.train.num_steps):
+  for step in range(first_step, first_step + (c.train.num_steps if steps is None else steps)):
     state, _ = step_fn(state, source.batch(step, c.train.batch_size))
   return jax.device_get(state), members
 

@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jumprelu import arch, sweep, train  # noqa: E402
+from jumprelu import arch, sweep  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ablate  # noqa: E402
 import recovery  # noqa: E402
@@ -52,23 +52,6 @@ def jumprelu_from_topk(c, topk_params, xn_NxD, l0: float) -> dict:
   value = math.log(theta) if name == "log_threshold" else theta
   params[name] = jnp.full((c.sae.width,), value, jnp.float32)
   return params
-
-
-def finetune(c, params, source, steps: int, start: int):
-  """c's ensemble trained on from `params` (every member), fresh Adam state, batches from
-  step `start` on."""
-  members = sweep.grid(c)
-  state = train.init_state(c, jax.random.key(c.seed), 1.0, len(members))
-  stacked = sweep.stack(params, len(members))
-  norm = math.sqrt(source.mean_sq_norm(c.data.norm_rows, False))
-  opt_state = sweep.stack(train.optimizer(c).init(params), len(members))
-  state = state.replace(params=stacked, opt_state=opt_state,
-                        norm_scale=jnp.asarray(norm, jnp.float32))
-  hp_S = sweep.stacked_hparams(members)
-  step_fn = jax.jit(lambda s, x: train.ensemble_step(c, s, x, hp_S), donate_argnums=0)
-  for step in range(steps):
-    state, _ = step_fn(state, source.batch(start + step, c.train.batch_size))
-  return jax.device_get(state), members
 
 
 def main():
@@ -104,7 +87,8 @@ def main():
                                                "optim.sparsity_warmup_steps": 0},
                                args.steps, LAMBDAS)
   t0 = time.time()
-  ft, _ = finetune(c_ft, made, source, args.finetune, c_jump.train.num_steps)
+  ft, _ = ablate.train_in_process(c_ft, source, params=made, first_step=c_jump.train.num_steps,
+                                  steps=args.finetune)
   print(f"fine-tuned the TopK-made JumpReLU for {args.finetune} steps in {time.time() - t0:.0f} s")
   for i, (m, _) in enumerate(members):
     params = sweep.take(ft.params, i)
